@@ -1,0 +1,235 @@
+//! Settings of `tortie node`, from flags and environment variables, validated once at start-up
+//! into a `NodeConfig`. Only settings that change behaviour today live here; the reference
+//! table in README ("Configuration") lists each flag, its variable and its default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// Raw flags of `tortie node` as clap parses them.
+#[derive(Clone, Debug, clap::Args)]
+pub struct NodeArgs {
+    /// Name of this node's Node object (the DaemonSet sets it from `spec.nodeName`).
+    #[arg(long, env = "NODENAME")]
+    pub node_name: Option<String>,
+
+    /// Kubeconfig file to reach the API server; without it the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Address the health server (`/liveness`, `/readiness`) listens on.
+    #[arg(long, env = "TORTIE_HEALTH_ADDR", default_value = "0.0.0.0")]
+    pub health_addr: IpAddr,
+
+    /// Port of the health server.
+    #[arg(long, env = "TORTIE_HEALTH_PORT", default_value_t = 9099)]
+    pub health_port: u16,
+
+    /// Address the Prometheus metrics server (`/metrics`) listens on.
+    #[arg(long, env = "TORTIE_METRICS_ADDR", default_value = "0.0.0.0")]
+    pub metrics_addr: IpAddr,
+
+    /// Port of the metrics server.
+    #[arg(long, env = "TORTIE_METRICS_PORT", default_value_t = 9091)]
+    pub metrics_port: u16,
+}
+
+/// Where the API server credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KubeSource {
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+    /// The pod's service account token and `KUBERNETES_SERVICE_HOST`/`_PORT`.
+    InCluster,
+}
+
+/// Validated settings of the node daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub kube: KubeSource,
+    pub health_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("node name is not set: set NODENAME (or --node-name) to this node's Node object name")]
+    MissingNodeName,
+    #[error("node name {name:?} is not a valid Kubernetes node name: {why}")]
+    InvalidNodeName { name: String, why: &'static str },
+    #[error("{what} port must not be 0 (kubelet probes and Prometheus need a fixed port)")]
+    ZeroPort { what: &'static str },
+    #[error("health and metrics servers would both listen on {addr}: give them different ports")]
+    SameListenAddress { addr: SocketAddr },
+    #[error("kubeconfig path is empty: unset KUBECONFIG to use the in-cluster service account")]
+    EmptyKubeconfig,
+}
+
+impl NodeConfig {
+    pub fn from_args(args: NodeArgs) -> Result<NodeConfig, ConfigError> {
+        let node_name = args.node_name.ok_or(ConfigError::MissingNodeName)?;
+        validate_node_name(&node_name)?;
+        let kube = match args.kubeconfig {
+            Some(p) if p.as_os_str().is_empty() => return Err(ConfigError::EmptyKubeconfig),
+            Some(p) => KubeSource::Kubeconfig(p),
+            None => KubeSource::InCluster,
+        };
+        if args.health_port == 0 {
+            return Err(ConfigError::ZeroPort { what: "health" });
+        }
+        if args.metrics_port == 0 {
+            return Err(ConfigError::ZeroPort { what: "metrics" });
+        }
+        let health_listen = SocketAddr::new(args.health_addr, args.health_port);
+        let metrics_listen = SocketAddr::new(args.metrics_addr, args.metrics_port);
+        // 0.0.0.0:P and 127.0.0.1:P also collide, so compare ports when either side is unspecified.
+        let overlap = health_listen == metrics_listen
+            || (args.health_port == args.metrics_port
+                && (args.health_addr.is_unspecified() || args.metrics_addr.is_unspecified()));
+        if overlap {
+            return Err(ConfigError::SameListenAddress {
+                addr: health_listen,
+            });
+        }
+        Ok(NodeConfig {
+            node_name,
+            kube,
+            health_listen,
+            metrics_listen,
+        })
+    }
+}
+
+/// Node names are DNS subdomains (RFC 1123): what the API server accepts for a Node.
+fn validate_node_name(name: &str) -> Result<(), ConfigError> {
+    let invalid = |why| {
+        Err(ConfigError::InvalidNodeName {
+            name: name.to_owned(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.len() > 253 {
+        return invalid("it is longer than 253 characters");
+    }
+    for label in name.split('.') {
+        let bytes = label.as_bytes();
+        let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+            return invalid("it has an empty label between dots");
+        };
+        if !bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        {
+            return invalid("only lowercase letters, digits, '-' and '.' are allowed");
+        }
+        if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
+            return invalid("each label must start and end with a letter or digit");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Harness {
+        #[command(flatten)]
+        args: NodeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> NodeArgs {
+        let mut full = vec!["tortie"];
+        full.extend_from_slice(argv);
+        Harness::try_parse_from(full).expect("flags parse").args
+    }
+
+    #[test]
+    fn defaults_match_calico_ports() {
+        let cfg = NodeConfig::from_args(parse(&["--node-name", "worker-1", "--kubeconfig", "/k"]))
+            .expect("valid");
+        assert_eq!(cfg.health_listen, "0.0.0.0:9099".parse().expect("addr"));
+        assert_eq!(cfg.metrics_listen, "0.0.0.0:9091".parse().expect("addr"));
+        assert_eq!(cfg.kube, KubeSource::Kubeconfig("/k".into()));
+        assert_eq!(cfg.node_name, "worker-1");
+    }
+
+    #[test]
+    fn missing_node_name_names_the_variable() {
+        let mut args = parse(&[]);
+        args.node_name = None;
+        let err = NodeConfig::from_args(args).expect_err("must fail");
+        assert_eq!(err, ConfigError::MissingNodeName);
+        assert!(err.to_string().contains("NODENAME"));
+    }
+
+    #[test]
+    fn no_kubeconfig_means_in_cluster() {
+        let mut args = parse(&["--node-name", "n1"]);
+        args.kubeconfig = None;
+        assert_eq!(
+            NodeConfig::from_args(args).expect("valid").kube,
+            KubeSource::InCluster
+        );
+    }
+
+    #[test]
+    fn node_names_follow_dns_subdomain_rules() {
+        for ok in ["a", "aks-nodepool1-123.vmss", "n-0", "0n"] {
+            assert!(validate_node_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Upper",
+            "-lead",
+            "trail-",
+            "a..b",
+            "under_score",
+            &"x".repeat(254),
+        ] {
+            let err = validate_node_name(bad).expect_err(bad);
+            assert!(matches!(err, ConfigError::InvalidNodeName { .. }), "{bad}");
+        }
+    }
+
+    #[test]
+    fn health_and_metrics_may_not_share_a_socket() {
+        let err = NodeConfig::from_args(parse(&[
+            "--node-name",
+            "n1",
+            "--health-port",
+            "9000",
+            "--metrics-port",
+            "9000",
+            "--metrics-addr",
+            "127.0.0.1",
+        ]))
+        .expect_err("overlap");
+        assert!(matches!(err, ConfigError::SameListenAddress { .. }));
+        let ok = NodeConfig::from_args(parse(&[
+            "--node-name",
+            "n1",
+            "--health-addr",
+            "127.0.0.1",
+            "--metrics-addr",
+            "127.0.0.2",
+            "--health-port",
+            "9000",
+            "--metrics-port",
+            "9000",
+        ]));
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn port_zero_is_rejected() {
+        let err = NodeConfig::from_args(parse(&["--node-name", "n1", "--health-port", "0"]))
+            .expect_err("zero");
+        assert_eq!(err, ConfigError::ZeroPort { what: "health" });
+    }
+}

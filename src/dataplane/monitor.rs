@@ -1,0 +1,91 @@
+//! Kernel change notifications (like `ip monitor`), reduced to which driver should look
+//! again. tortie's own writes come back here too; reconciling is idempotent, so the echo
+//! costs one no-op pass, which the caller can debounce.
+
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use futures::channel::mpsc::UnboundedReceiver;
+use rtnetlink::MulticastGroup;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::route::RouteProtocol;
+use rtnetlink::sys::SocketAddr;
+
+use super::DataplaneError;
+use super::netns::in_netns;
+use crate::calc::desired::ROUTE_PROTOCOL;
+
+/// Which kind of kernel object changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Changed {
+    /// A link or an IPv4 address (the parent's node IP, the tunnel address).
+    Links,
+    /// A neighbour or FDB entry on the interface with this index.
+    Neighbours { ifindex: u32 },
+    /// An IPv4 route; `owned` when it carries tortie's protocol.
+    Routes { owned: bool },
+}
+
+pub struct Monitor {
+    messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+}
+
+const GROUPS: [MulticastGroup; 4] = [
+    MulticastGroup::Link,
+    MulticastGroup::Ipv4Ifaddr,
+    MulticastGroup::Neigh,
+    MulticastGroup::Ipv4Route,
+];
+
+impl Monitor {
+    /// Watches the caller's own namespace.
+    pub fn new() -> Result<Monitor, DataplaneError> {
+        let (conn, _, messages) =
+            rtnetlink::new_multicast_connection(&GROUPS).map_err(|source| {
+                DataplaneError::Netns {
+                    path: PathBuf::from("/proc/self/ns/net"),
+                    action: "open rtnetlink monitor socket",
+                    source,
+                }
+            })?;
+        tokio::spawn(conn);
+        Ok(Monitor { messages })
+    }
+
+    /// Watches the namespace at `path`.
+    pub fn new_in(path: &Path) -> Result<Monitor, DataplaneError> {
+        let (conn, _, messages) = in_netns(path, "open rtnetlink monitor socket", || {
+            rtnetlink::new_multicast_connection(&GROUPS)
+        })?;
+        tokio::spawn(conn);
+        Ok(Monitor { messages })
+    }
+
+    /// The next relevant change; None when the socket closed.
+    pub async fn next(&mut self) -> Option<Changed> {
+        while let Some((msg, _)) = self.messages.next().await {
+            if let Some(changed) = classify(&msg.payload) {
+                return Some(changed);
+            }
+        }
+        None
+    }
+}
+
+fn classify(payload: &NetlinkPayload<RouteNetlinkMessage>) -> Option<Changed> {
+    let NetlinkPayload::InnerMessage(msg) = payload else {
+        return None;
+    };
+    use RouteNetlinkMessage as M;
+    match msg {
+        M::NewLink(_) | M::DelLink(_) | M::NewAddress(_) | M::DelAddress(_) => Some(Changed::Links),
+        M::NewNeighbour(n) | M::DelNeighbour(n) => Some(Changed::Neighbours {
+            ifindex: n.header.ifindex,
+        }),
+        M::NewRoute(r) | M::DelRoute(r) => Some(Changed::Routes {
+            owned: r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL),
+        }),
+        _ => None,
+    }
+}

@@ -1,0 +1,119 @@
+//! Keeps the kernel converged over time: applies the latest desired state when it changes,
+//! when the kernel reports a change to something tortie owns (debounced), and on a periodic
+//! resync (Felix's RouteRefreshInterval, 90 s) that catches anything the monitor missed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rtnetlink::Handle;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until};
+use tracing::{info, warn};
+
+use super::monitor::{Changed, Monitor};
+use super::{ApplyReport, DataplaneError, apply, links};
+use crate::calc::desired::DesiredDataplane;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncConfig {
+    pub interval: Duration,
+    /// Quiet time after a kernel event before applying, so a burst costs one pass.
+    pub debounce: Duration,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        ResyncConfig {
+            interval: Duration::from_secs(90),
+            debounce: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Why an apply ran; reported with its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Desired,
+    Kernel,
+    Resync,
+}
+
+/// Runs until the sender of `desired` is dropped. `report` sees every apply's outcome (for
+/// readiness, metrics and drift counters). Applies start at once with the current value.
+pub async fn run(
+    handle: Handle,
+    mut monitor: Option<Monitor>,
+    mut desired: watch::Receiver<Arc<DesiredDataplane>>,
+    cfg: ResyncConfig,
+    mut report: impl FnMut(Trigger, &Result<ApplyReport, DataplaneError>),
+) {
+    let mut trigger = Trigger::Desired;
+    let mut vxlan_index = None;
+    let mut had_conflicts = false;
+    loop {
+        let want = desired.borrow_and_update().clone();
+        let outcome = apply(&handle, &want).await;
+        match &outcome {
+            Ok(r) => {
+                had_conflicts = r.routes.conflicts > 0;
+                if trigger != Trigger::Desired && r.total().changes() > 0 {
+                    info!(?trigger, links = ?r.links, neighbours = ?r.neighbours, routes = ?r.routes, "repaired dataplane drift");
+                }
+            }
+            Err(e) => {
+                warn!(?trigger, error = %e, "dataplane apply failed; retrying at the next trigger")
+            }
+        }
+        report(trigger, &outcome);
+        // Neighbour events on other devices (pods' ARP) are none of this loop's business.
+        if let Ok(devices) = links::resolve_devices(&handle, None).await {
+            vxlan_index = devices.vxlan;
+        }
+
+        let next_resync = Instant::now() + cfg.interval;
+        trigger = loop {
+            tokio::select! {
+                changed = desired.changed() => match changed {
+                    Ok(()) => break Trigger::Desired,
+                    Err(_) => return,
+                },
+                event = next_event(&mut monitor) => {
+                    let relevant = match event {
+                        Some(Changed::Links) => true,
+                        Some(Changed::Routes { owned }) => owned || had_conflicts,
+                        Some(Changed::Neighbours { ifindex }) => Some(ifindex) == vxlan_index,
+                        None => {
+                            warn!("kernel monitor closed; relying on the periodic resync");
+                            monitor = None;
+                            false
+                        }
+                    };
+                    if relevant {
+                        drain_for(&mut monitor, cfg.debounce).await;
+                        break Trigger::Kernel;
+                    }
+                }
+                _ = sleep_until(next_resync) => break Trigger::Resync,
+            }
+        };
+    }
+}
+
+async fn next_event(monitor: &mut Option<Monitor>) -> Option<Changed> {
+    match monitor {
+        Some(m) => m.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Swallows events for `quiet`, so one apply covers a burst (including this loop's echo).
+async fn drain_for(monitor: &mut Option<Monitor>, quiet: Duration) {
+    let deadline = sleep(quiet);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return,
+            event = next_event(monitor) => if event.is_none() { *monitor = None; return },
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The daemon's view of the cluster: the API server connection, one watch per resource kind
+//! feeding a reflector store, and the sync state (every watch listed, none failing) that
+//! readiness and `tortie_datastore_synced` report.
+
+mod sync;
+mod watch;
+
+pub use sync::{Backoff, DatastoreStatus, Observation, SyncTracker};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::{self, Store};
+use kube::{Client, Config, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch as status_channel;
+use tokio::task::JoinSet;
+
+use crate::api::IPPool;
+use crate::config::KubeSource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("in-cluster configuration (service account, KUBERNETES_SERVICE_HOST): {0}")]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("building API client for {url}: {source}")]
+    Client { url: String, source: kube::Error },
+}
+
+/// A client for the API server, and its URL for messages.
+#[derive(Clone)]
+pub struct Connection {
+    pub client: Client,
+    pub url: String,
+}
+
+/// Builds the API client. Makes no request: an unreachable server shows up in the watches.
+pub async fn connect(source: &KubeSource) -> Result<Connection, DatastoreError> {
+    let config = match source {
+        KubeSource::Kubeconfig(path) => {
+            let kubeconfig_error = |source| DatastoreError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(kubeconfig_error)?
+        }
+        KubeSource::InCluster => Config::incluster()?,
+    };
+    let url = config.cluster_url.to_string();
+    let url = url.trim_end_matches('/').to_owned();
+    let client = Client::try_from(config).map_err(|source| DatastoreError::Client {
+        url: url.clone(),
+        source,
+    })?;
+    Ok(Connection { client, url })
+}
+
+/// Read-only stores of the watched resources; cheap to clone.
+#[derive(Clone)]
+pub struct ClusterView {
+    pub nodes: Store<Node>,
+    pub ip_pools: Store<IPPool>,
+}
+
+/// Running watches: the view they fill, their sync status, and the tasks to stop.
+pub struct Datastore {
+    pub view: ClusterView,
+    pub status: status_channel::Receiver<DatastoreStatus>,
+    tasks: JoinSet<()>,
+}
+
+impl Datastore {
+    /// Starts one watch per resource kind. To watch another kind, add a store to
+    /// `ClusterView` and one `spawn` line here.
+    pub fn start(conn: &Connection) -> Datastore {
+        let (reporter, status) = watch::SyncReporter::new(&conn.url);
+        let mut tasks = JoinSet::new();
+        let client = &conn.client;
+        let mut watch = Watches {
+            tasks: &mut tasks,
+            reporter: &reporter,
+        };
+        let nodes = watch.spawn("nodes", Api::all(client.clone()), trim_node);
+        let ip_pools = watch.spawn("ippools", Api::all(client.clone()), trim_common::<IPPool>);
+        reporter.seal();
+        Datastore {
+            view: ClusterView { nodes, ip_pools },
+            status,
+            tasks,
+        }
+    }
+
+    /// Stops every watch; the stores keep their last contents.
+    pub async fn stop(mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+/// Start-up helper: registers each watch with the tracker before any can report.
+struct Watches<'a> {
+    tasks: &'a mut JoinSet<()>,
+    reporter: &'a watch::SyncReporter,
+}
+
+impl Watches<'_> {
+    fn spawn<K>(&mut self, name: &'static str, api: Api<K>, trim: fn(&mut K)) -> Store<K>
+    where
+        K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (store, writer) = reflector::store();
+        self.reporter.register(name);
+        let task = watch::run(name, api, writer, trim, self.reporter.clone());
+        self.tasks.spawn(task);
+        store
+    }
+}
+
+/// Managed fields are large and never read by the daemon.
+fn trim_common<K: ResourceExt>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
+}
+
+/// Container image lists dominate a Node's size and play no part in networking.
+fn trim_node(node: &mut Node) {
+    trim_common(node);
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+    }
+}

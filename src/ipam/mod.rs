@@ -1,0 +1,14 @@
+//! IPAM: Calico-compatible address management. Sans-IO core (block maths, the in-block
+//! allocator, pool choice, free-block search) with the API-server store on top of it.
+
+pub mod block;
+pub mod cidr;
+mod convert;
+mod error;
+pub mod pools;
+pub mod reservations;
+pub mod search;
+pub mod store;
+
+pub use error::IpamError;
+pub use store::{AssignRequest, Ipam, TunnelKind, pod_handle};

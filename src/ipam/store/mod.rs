@@ -1,0 +1,389 @@
+//! The allocator against the API server: `Ipam` answers assign/release calls from the CNI
+//! server and the overlay using the watch-fed view, claims blocks with Calico's protocol and
+//! commits every block change with compare-and-swap through one writer per block.
+
+mod claim;
+mod handle;
+mod view;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use ipnet::IpNet;
+use kube::{Api, Client};
+
+pub use view::{CachedBlock, View};
+pub use writer::WriteStats;
+
+use self::claim::{Claim, Claimer};
+use self::view::ViewHandle;
+use self::writer::Writers;
+use super::IpamError;
+use super::block::Owner;
+use super::cidr::block_containing;
+use super::pools::{Family, PoolRequest, choose_pools, pool_for_fixed_ip};
+use super::search::{Search, Step};
+use crate::api::AllowedUse;
+use crate::api::blockaffinity::BlockAffinity;
+use crate::api::ipamblock::IPAMBlock;
+use crate::api::ipamhandle::IPAMHandle;
+
+/// Calico's bound on every compare-and-swap loop.
+pub const MAX_CAS_RETRIES: usize = 100;
+
+pub(crate) fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 && !s.is_already_exists())
+}
+
+pub(crate) fn is_already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_already_exists())
+}
+
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_not_found())
+}
+
+/// Handle of a pod's addresses, as Calico's CNI plugin names it.
+pub fn pod_handle(container_id: &str) -> String {
+    format!("k8s-pod-network.{container_id}")
+}
+
+/// Tunnel devices that get an address from IPAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelKind {
+    Vxlan,
+    Ipip,
+}
+
+impl TunnelKind {
+    pub fn handle(self, node: &str) -> String {
+        match self {
+            TunnelKind::Vxlan => format!("vxlan-tunnel-addr-{node}"),
+            TunnelKind::Ipip => format!("ipip-tunnel-addr-{node}"),
+        }
+    }
+
+    fn attr_type(self) -> &'static str {
+        match self {
+            TunnelKind::Vxlan => "vxlanTunnelAddress",
+            TunnelKind::Ipip => "ipipTunnelAddress",
+        }
+    }
+}
+
+/// One allocation request: which families, for whom, and the inputs of the pool choice.
+#[derive(Debug, Clone)]
+pub struct AssignRequest {
+    pub handle: String,
+    /// Recorded with the allocation: namespace, pod, node, timestamp, pod UID, type, ...
+    pub attrs: BTreeMap<String, String>,
+    pub use_: AllowedUse,
+    pub v4: bool,
+    pub v6: bool,
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    pub namespace_annotations: Option<BTreeMap<String, String>>,
+    pub namespace_labels: Option<BTreeMap<String, String>>,
+    pub cni_v4_pools: Vec<String>,
+    pub cni_v6_pools: Vec<String>,
+}
+
+impl AssignRequest {
+    /// A workload request with no annotations or CNI pools: only node selectors decide.
+    pub fn workload(handle: impl Into<String>, attrs: BTreeMap<String, String>) -> AssignRequest {
+        AssignRequest {
+            handle: handle.into(),
+            attrs,
+            use_: AllowedUse::Workload,
+            v4: true,
+            v6: false,
+            pod_annotations: None,
+            namespace_annotations: None,
+            namespace_labels: None,
+            cni_v4_pools: Vec::new(),
+            cni_v6_pools: Vec::new(),
+        }
+    }
+}
+
+pub struct Ipam {
+    node: String,
+    view: ViewHandle,
+    writers: Writers,
+    blocks: Api<IPAMBlock>,
+    affinities: Api<BlockAffinity>,
+    handles: Api<IPAMHandle>,
+    stats: Arc<WriteStats>,
+}
+
+impl Ipam {
+    /// Starts the watches for `node` and waits until each has listed once.
+    pub async fn start(client: Client, node: &str, sync_timeout: Duration) -> Result<Ipam, IpamError> {
+        let view = ViewHandle::start(client.clone(), node);
+        let mut synced = view.synced.clone();
+        let waited = tokio::time::timeout(sync_timeout, synced.wait_for(|s| *s)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            return Err(IpamError::NotSynced { after: sync_timeout });
+        }
+        let blocks = Api::<IPAMBlock>::all(client.clone());
+        let stats = Arc::new(WriteStats::default());
+        Ok(Ipam {
+            node: node.to_string(),
+            writers: Writers::new(blocks.clone(), view.view.clone(), stats.clone()),
+            view,
+            blocks,
+            affinities: Api::all(client.clone()),
+            handles: Api::all(client),
+            stats,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Block writes, conflicts and committed operations so far (group commit shows as
+    /// fewer writes than operations).
+    pub fn stats(&self) -> &WriteStats {
+        &self.stats
+    }
+
+    /// Runs `f` over the current view (blocks, pools, config) without holding it across I/O.
+    pub fn with_view<R>(&self, f: impl FnOnce(&View) -> R) -> R {
+        f(&view::read(&self.view.view))
+    }
+
+    fn claimer(&self) -> Claimer<'_> {
+        Claimer {
+            blocks: &self.blocks,
+            affinities: &self.affinities,
+            view: &self.view.view,
+            node: &self.node,
+        }
+    }
+
+    /// Allocates one address per requested family. Returns host prefixes (/32, /128). On any
+    /// failure nothing stays allocated under the handle for this call.
+    pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<IpNet>, IpamError> {
+        let owner = Owner { handle_id: req.handle.clone(), attrs: req.attrs.clone() };
+        let mut got: Vec<(IpNet, IpAddr)> = Vec::new();
+        let families = [(req.v4, Family::V4), (req.v6, Family::V6)];
+        for family in families.iter().filter(|(want, _)| *want).map(|(_, f)| *f) {
+            match self.assign_one(family, req, &owner).await {
+                Ok(pair) => got.push(pair),
+                Err(e) => {
+                    self.undo(&req.handle, &got).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.record_handle(&req.handle, &got).await?;
+        Ok(got.into_iter().map(|(_, a)| IpNet::from(a)).collect())
+    }
+
+    async fn assign_one(
+        &self,
+        family: Family,
+        req: &AssignRequest,
+        owner: &Owner,
+    ) -> Result<(IpNet, IpAddr), IpamError> {
+        let mut skip: Vec<IpNet> = Vec::new();
+        for _ in 0..MAX_CAS_RETRIES {
+            let step = self.with_view(|v| {
+                let cni_pools = match family {
+                    Family::V4 => &req.cni_v4_pools,
+                    Family::V6 => &req.cni_v6_pools,
+                };
+                let preq = PoolRequest {
+                    family,
+                    use_: req.use_,
+                    node: &self.node,
+                    node_labels: &v.node_labels,
+                    pod_annotations: req.pod_annotations.as_ref(),
+                    namespace_annotations: req.namespace_annotations.as_ref(),
+                    namespace_labels: req.namespace_labels.as_ref(),
+                    cni_pools,
+                };
+                let choice = choose_pools(&v.pools, &preq)?;
+                Search {
+                    node: &self.node,
+                    pools: choice.pools,
+                    blocks: &v.infos,
+                    reservations: &v.reservations,
+                    limits: v.limits,
+                    now: Utc::now(),
+                    skip: &skip,
+                }
+                .next_step()
+            })?;
+            match step {
+                Step::Affine(cidr) | Step::Borrow(cidr) => {
+                    let require = matches!(step, Step::Affine(_)).then(|| self.node.clone());
+                    if require.is_none() {
+                        tracing::info!(block = %cidr, handle = %req.handle, "borrowing an address from another node's block");
+                    }
+                    match self.writers.assign(cidr, 1, owner.clone(), require).await {
+                        Ok(addrs) => {
+                            if let Some(a) = addrs.first() {
+                                return Ok((cidr, *a));
+                            }
+                            skip.push(cidr);
+                        }
+                        Err(IpamError::BlockFull { .. } | IpamError::NotAffine { .. } | IpamError::BlockGone { .. }) => {
+                            skip.push(cidr)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Step::Claim { cidr, .. } => {
+                    if self.claimer().claim(cidr, Utc::now()).await? == Claim::Lost {
+                        skip.push(cidr);
+                    }
+                }
+                Step::Reclaim { cidr, from, sequence_number } => {
+                    let claimed = self
+                        .claimer()
+                        .reclaim(cidr, from.as_deref(), sequence_number, Utc::now())
+                        .await?;
+                    if claimed == Claim::Lost {
+                        skip.push(cidr);
+                    }
+                }
+            }
+        }
+        Err(IpamError::TooManyConflicts { object: format!("{family} allocation for handle {:?}", req.handle) })
+    }
+
+    /// Assigns exactly `addr` (the `ipAddrs` annotation), claiming its block if nobody has.
+    pub async fn assign_ip(
+        &self,
+        addr: IpAddr,
+        handle: &str,
+        attrs: BTreeMap<String, String>,
+        use_: AllowedUse,
+    ) -> Result<IpNet, IpamError> {
+        let owner = Owner { handle_id: handle.to_string(), attrs };
+        for _ in 0..MAX_CAS_RETRIES {
+            let (cidr, holder, strict) = self.with_view(|v| {
+                let pool = pool_for_fixed_ip(&v.pools, addr, use_)?;
+                let cidr = block_containing(addr, pool.block_size)?;
+                let holder = v.infos.get(&cidr).map(|b| (b.host.clone(), b.affine));
+                Ok::<_, IpamError>((cidr, holder, v.limits.strict_affinity))
+            })?;
+            match holder {
+                None => {
+                    self.claimer().claim(cidr, Utc::now()).await?;
+                    continue;
+                }
+                Some((host, affine)) if strict && affine && host.as_deref() != Some(self.node.as_str()) => {
+                    return Err(IpamError::FixedIpUnusable {
+                        addr,
+                        reason: format!(
+                            "its block {cidr} is affine to {} and strictAffinity is true",
+                            host.map_or("another owner".to_string(), |h| format!("node {h:?}"))
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
+            match self.writers.assign_addr(cidr, addr, owner.clone()).await {
+                Ok(()) => {
+                    self.record_handle(handle, &[(cidr, addr)]).await?;
+                    return Ok(IpNet::from(addr));
+                }
+                Err(IpamError::BlockGone { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(IpamError::TooManyConflicts { object: format!("assignment of {addr}") })
+    }
+
+    /// The node's tunnel address for `kind`, allocated from a Tunnel-allowed pool on first
+    /// call and returned unchanged afterwards.
+    pub async fn assign_tunnel_addr(&self, kind: TunnelKind, family: Family) -> Result<IpNet, IpamError> {
+        let handle = kind.handle(&self.node);
+        if let Some(a) = self.addresses_of(&handle).into_iter().find(|a| Family::of_addr(a) == family) {
+            return Ok(IpNet::from(a));
+        }
+        let attrs = BTreeMap::from([
+            ("node".to_string(), self.node.clone()),
+            ("type".to_string(), kind.attr_type().to_string()),
+        ]);
+        let req = AssignRequest {
+            use_: AllowedUse::Tunnel,
+            v4: family == Family::V4,
+            v6: family == Family::V6,
+            ..AssignRequest::workload(handle, attrs)
+        };
+        let got = self.auto_assign(&req).await?;
+        got.into_iter().next().ok_or(IpamError::TooManyConflicts { object: req.handle })
+    }
+
+    pub async fn release_tunnel_addr(&self, kind: TunnelKind) -> Result<Vec<IpAddr>, IpamError> {
+        self.release_by_handle(&kind.handle(&self.node)).await
+    }
+
+    /// Addresses the view says `handle` holds.
+    pub fn addresses_of(&self, handle: &str) -> Vec<IpAddr> {
+        self.with_view(|v| {
+            let Some(cidrs) = v.handles.get(handle) else { return Vec::new() };
+            cidrs
+                .iter()
+                .filter_map(|c| v.blocks.get(c))
+                .flat_map(|b| {
+                    let blk = &b.block;
+                    blk.allocations.iter().enumerate().filter_map(move |(ord, a)| {
+                        let attr = blk.attributes.get((*a)?)?;
+                        (attr.handle_id.as_deref() == Some(handle))
+                            .then(|| super::cidr::addr_at(&blk.cidr, ord))
+                            .flatten()
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Releases every address of `handle`, wherever it is; releasing an unknown handle is a
+    /// success. The handle object goes only after every block released its addresses.
+    pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let mut cidrs = handle::blocks_of(&self.handles, handle).await?;
+        cidrs.extend(self.with_view(|v| v.handles.get(handle).cloned().unwrap_or_default()));
+        cidrs.sort();
+        cidrs.dedup();
+        let results =
+            futures::future::join_all(cidrs.iter().map(|c| self.writers.release(*c, handle))).await;
+        let mut released = Vec::new();
+        for r in results {
+            released.extend(r?);
+        }
+        handle::delete(&self.handles, handle).await?;
+        if !released.is_empty() {
+            tracing::info!(handle, addresses = ?released, "released addresses");
+        }
+        Ok(released)
+    }
+
+    async fn record_handle(&self, handle: &str, got: &[(IpNet, IpAddr)]) -> Result<(), IpamError> {
+        let mut counts: BTreeMap<IpNet, usize> = BTreeMap::new();
+        for (cidr, _) in got {
+            *counts.entry(*cidr).or_insert(0) += 1;
+        }
+        if let Err(e) = handle::add(&self.handles, handle, &counts).await {
+            self.undo(handle, got).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Gives back what a failed request took; a failure here leaves a leak for GC, logged.
+    async fn undo(&self, handle: &str, got: &[(IpNet, IpAddr)]) {
+        for (cidr, _) in got {
+            if let Err(e) = self.writers.release(*cidr, handle).await {
+                tracing::warn!(handle, block = %cidr, error = %e, "could not undo a partial allocation");
+            }
+        }
+    }
+}

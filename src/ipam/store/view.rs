@@ -1,0 +1,365 @@
+//! The allocator's view of the cluster: IPAMBlocks, IPPools, IPAMConfig, IPReservations and
+//! this node's labels, fed by watches and by the allocator's own successful writes, so the
+//! free-block search reads memory and never lists blocks per request.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+
+use chrono::TimeDelta;
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::IPPool;
+use crate::api::ipamblock::IPAMBlock;
+use crate::api::ipamconfig::{IPAM_CONFIG_NAME, IPAMConfig};
+use crate::api::ipreservation::IPReservation;
+use crate::ipam::block::{Block, DEFAULT_COOLDOWN};
+use crate::ipam::convert::block_from_spec;
+use crate::ipam::pools::PoolSet;
+use crate::ipam::reservations::Reservations;
+use crate::ipam::search::{BlockInfo, Limits};
+
+/// A block as last seen, with the resourceVersion a compare-and-swap write must carry.
+#[derive(Debug, Clone)]
+pub struct CachedBlock {
+    pub block: Block,
+    pub resource_version: String,
+}
+
+#[derive(Debug, Default)]
+pub struct View {
+    pub blocks: BTreeMap<IpNet, CachedBlock>,
+    pub infos: BTreeMap<IpNet, BlockInfo>,
+    pub pools: PoolSet,
+    pub limits: Limits,
+    pub reservations: Reservations,
+    pub node_labels: BTreeMap<String, String>,
+    /// handle id → blocks holding at least one of its addresses.
+    pub handles: BTreeMap<String, BTreeSet<IpNet>>,
+    reservation_objs: BTreeMap<String, Vec<IpNet>>,
+    pool_objs: BTreeMap<String, IPPool>,
+}
+
+/// resourceVersions are opaque, but the API server hands out etcd revisions; comparing
+/// them only keeps a late watch event from rolling the view back (a stale view costs a
+/// retried compare-and-swap, never correctness).
+fn newer_or_equal(new: &str, old: &str) -> bool {
+    match (new.parse::<u64>(), old.parse::<u64>()) {
+        (Ok(n), Ok(o)) => n >= o,
+        _ => true,
+    }
+}
+
+impl View {
+    pub fn new() -> View {
+        View::default()
+    }
+
+    /// Records a block seen on a watch or returned by a write.
+    pub fn put_block(&mut self, cached: CachedBlock) {
+        let cidr = cached.block.cidr;
+        if let Some(old) = self.blocks.get(&cidr)
+            && !newer_or_equal(&cached.resource_version, &old.resource_version)
+        {
+            return;
+        }
+        if cached.block.deleted {
+            self.remove_block(&cidr);
+            return;
+        }
+        self.unindex(&cidr);
+        for h in cached.block.handle_counts().into_keys() {
+            self.handles.entry(h).or_default().insert(cidr);
+        }
+        self.infos.insert(cidr, BlockInfo::of(&cached.block, &self.reservations));
+        self.blocks.insert(cidr, cached);
+    }
+
+    pub fn remove_block(&mut self, cidr: &IpNet) {
+        self.unindex(cidr);
+        self.blocks.remove(cidr);
+        self.infos.remove(cidr);
+    }
+
+    fn unindex(&mut self, cidr: &IpNet) {
+        if let Some(old) = self.blocks.get(cidr) {
+            for h in old.block.handle_counts().into_keys() {
+                if let Some(set) = self.handles.get_mut(&h) {
+                    set.remove(cidr);
+                    if set.is_empty() {
+                        self.handles.remove(&h);
+                    }
+                }
+            }
+        }
+    }
+
+    fn refresh_infos(&mut self) {
+        for (cidr, b) in &self.blocks {
+            self.infos.insert(*cidr, BlockInfo::of(&b.block, &self.reservations));
+        }
+    }
+
+    fn rebuild_pools(&mut self) {
+        self.pools = PoolSet::from_ippools(self.pool_objs.values());
+        for o in self.pools.overlaps() {
+            tracing::warn!(kept = %o.kept, excluded = %o.excluded,
+                "IP pools overlap; the newer pool is not used for allocation");
+        }
+        for (pool, reason) in self.pools.invalid() {
+            tracing::warn!(%pool, %reason, "IP pool is not usable");
+        }
+    }
+
+    fn set_config(&mut self, cfg: Option<&IPAMConfig>) {
+        let spec = cfg.map(|c| c.spec.clone()).unwrap_or_default();
+        self.limits = Limits {
+            // Unset or 0 means no cap: we deliberately do not copy Calico's hidden 20.
+            max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0).unsigned_abs(),
+            strict_affinity: spec.strict_affinity,
+            auto_allocate_blocks: spec.auto_allocate_blocks,
+            cooldown: spec
+                .ip_cooldown_seconds
+                .map_or(DEFAULT_COOLDOWN, |s| TimeDelta::seconds(i64::from(s.max(0)))),
+            ..Limits::default()
+        };
+    }
+
+    fn set_reservations(&mut self) {
+        self.reservations = Reservations::new(self.reservation_objs.values().flatten().copied());
+        self.refresh_infos();
+    }
+}
+
+/// The shared view plus the watch tasks feeding it; `synced` turns true once every watch
+/// has delivered its initial list.
+pub struct ViewHandle {
+    pub view: Arc<RwLock<View>>,
+    pub synced: watch::Receiver<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ViewHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub fn read(view: &RwLock<View>) -> std::sync::RwLockReadGuard<'_, View> {
+    view.read().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn write(view: &RwLock<View>) -> std::sync::RwLockWriteGuard<'_, View> {
+    view.write().unwrap_or_else(|p| p.into_inner())
+}
+
+const KINDS: usize = 5;
+
+impl ViewHandle {
+    pub fn start(client: Client, node: &str) -> ViewHandle {
+        let view = Arc::new(RwLock::new(View::new()));
+        let (tx, synced) = watch::channel(false);
+        let ready = Arc::new(Ready { done: std::sync::Mutex::new(BTreeSet::new()), tx });
+        let mut tasks = Vec::new();
+
+        tasks.push(spawn_watch(
+            "IPAMBlock",
+            Api::<IPAMBlock>::all(client.clone()),
+            watcher::Config::default(),
+            (view.clone(), ready.clone()),
+            |v, objs| {
+                v.blocks.clear();
+                v.infos.clear();
+                v.handles.clear();
+                for o in objs {
+                    apply_block(v, o);
+                }
+            },
+            apply_block,
+            |v, o| {
+                if let Ok(cidr) = o.spec.cidr_net() {
+                    v.remove_block(&cidr);
+                }
+            },
+        ));
+        tasks.push(spawn_watch(
+            "IPPool",
+            Api::<IPPool>::all(client.clone()),
+            watcher::Config::default(),
+            (view.clone(), ready.clone()),
+            |v, objs| {
+                v.pool_objs = objs.into_iter().map(|p| (p.name_any(), p)).collect();
+                v.rebuild_pools();
+            },
+            |v, p| {
+                v.pool_objs.insert(p.name_any(), p);
+                v.rebuild_pools();
+            },
+            |v, p| {
+                v.pool_objs.remove(&p.name_any());
+                v.rebuild_pools();
+            },
+        ));
+        tasks.push(spawn_watch(
+            "IPAMConfig",
+            Api::<IPAMConfig>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={IPAM_CONFIG_NAME}")),
+            (view.clone(), ready.clone()),
+            |v, objs| v.set_config(objs.first()),
+            |v, c| v.set_config(Some(&c)),
+            |v, _| v.set_config(None),
+        ));
+        tasks.push(spawn_watch(
+            "IPReservation",
+            Api::<IPReservation>::all(client.clone()),
+            watcher::Config::default(),
+            (view.clone(), ready.clone()),
+            |v, objs| {
+                v.reservation_objs = objs.into_iter().map(|r| (r.name_any(), r.spec.nets())).collect();
+                v.set_reservations();
+            },
+            |v, r| {
+                v.reservation_objs.insert(r.name_any(), r.spec.nets());
+                v.set_reservations();
+            },
+            |v, r| {
+                v.reservation_objs.remove(&r.name_any());
+                v.set_reservations();
+            },
+        ));
+        tasks.push(spawn_watch(
+            "Node",
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            (view.clone(), ready),
+            |v, objs| v.node_labels = objs.first().map(|n| n.labels().clone()).unwrap_or_default(),
+            |v, n| v.node_labels = n.labels().clone(),
+            |v, _| v.node_labels.clear(),
+        ));
+        ViewHandle { view, synced, tasks }
+    }
+}
+
+fn apply_block(v: &mut View, o: IPAMBlock) {
+    let rv = o.resource_version().unwrap_or_default();
+    match block_from_spec(&o.spec) {
+        Ok(block) => v.put_block(CachedBlock { block, resource_version: rv }),
+        Err(e) => {
+            tracing::error!(block = %o.name_any(), error = %e, "ignoring unreadable IPAM block");
+            // Keep it out of the view so nothing is allocated from it, but remember that its
+            // CIDR is taken so the search never tries to claim it.
+            if let Ok(cidr) = o.spec.cidr_net() {
+                v.remove_block(&cidr);
+                v.infos.insert(cidr, BlockInfo {
+                    cidr,
+                    host: None,
+                    affine: true,
+                    claim_time: None,
+                    free: 0,
+                    in_use: 0,
+                    cooling: 0,
+                    last_release: None,
+                    empty: false,
+                    sequence_number: 0,
+                });
+            }
+        }
+    }
+}
+
+struct Ready {
+    done: std::sync::Mutex<BTreeSet<&'static str>>,
+    tx: watch::Sender<bool>,
+}
+
+impl Ready {
+    fn mark(&self, kind: &'static str) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.insert(kind);
+        if done.len() == KINDS {
+            self.tx.send_replace(true);
+        }
+    }
+}
+
+/// One watch: relists replace the kind's state atomically (Init…InitDone), events patch it.
+fn spawn_watch<K>(
+    kind: &'static str,
+    api: Api<K>,
+    cfg: watcher::Config,
+    (view, ready): (Arc<RwLock<View>>, Arc<Ready>),
+    on_list: impl Fn(&mut View, Vec<K>) + Send + 'static,
+    on_apply: impl Fn(&mut View, K) + Send + 'static,
+    on_delete: impl Fn(&mut View, K) + Send + 'static,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+        let mut pending: Vec<K> = Vec::new();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Init) => pending.clear(),
+                Ok(Event::InitApply(o)) => pending.push(o),
+                Ok(Event::InitDone) => {
+                    on_list(&mut write(&view), std::mem::take(&mut pending));
+                    ready.mark(kind);
+                }
+                Ok(Event::Apply(o)) => on_apply(&mut write(&view), o),
+                Ok(Event::Delete(o)) => on_delete(&mut write(&view), o),
+                Err(e) => tracing::warn!(kind, error = %e, "IPAM watch failed; retrying"),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::block::{Owner, host_affinity};
+
+    fn cached(rv: &str, used: usize) -> CachedBlock {
+        let now = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let mut block =
+            Block::new("10.0.0.0/29".parse().unwrap(), Some(host_affinity("n1")), Some(now), 1).unwrap();
+        let owner = Owner { handle_id: format!("h{used}"), attrs: BTreeMap::new() };
+        block.auto_assign(used, &owner, &Reservations::EMPTY, now, DEFAULT_COOLDOWN);
+        CachedBlock { block, resource_version: rv.to_string() }
+    }
+
+    #[test]
+    fn a_late_watch_event_does_not_roll_the_view_back() {
+        let mut v = View::new();
+        v.put_block(cached("20", 3));
+        v.put_block(cached("19", 1));
+        let cidr: IpNet = "10.0.0.0/29".parse().unwrap();
+        assert_eq!(v.infos[&cidr].in_use, 3);
+        assert_eq!(v.handles.keys().collect::<Vec<_>>(), vec!["h3"]);
+        v.put_block(cached("21", 2));
+        assert_eq!(v.infos[&cidr].in_use, 2);
+        assert_eq!(v.handles.keys().collect::<Vec<_>>(), vec!["h2"], "handle index follows the block");
+        v.remove_block(&cidr);
+        assert!(v.handles.is_empty() && v.infos.is_empty());
+    }
+
+    #[test]
+    fn unset_max_blocks_per_host_means_no_cap() {
+        let mut v = View::new();
+        v.set_config(None);
+        assert_eq!(v.limits.max_blocks_per_host, 0);
+        assert_eq!(v.limits.cooldown, DEFAULT_COOLDOWN);
+        let spec = crate::api::ipamconfig::IPAMConfigSpec { ip_cooldown_seconds: Some(0), ..Default::default() };
+        v.set_config(Some(&IPAMConfig::new("default", spec)));
+        assert_eq!(v.limits.cooldown, TimeDelta::zero());
+    }
+}

@@ -1,0 +1,15 @@
+//! tortie: a Kubernetes node networking daemon with Calico's observable contract.
+//! README.md ("Architecture") maps each module to what it owns.
+
+pub mod api;
+pub mod calc;
+pub mod cni;
+pub mod config;
+pub mod dataplane;
+pub mod datastore;
+pub mod http;
+pub mod ipam;
+pub mod metrics;
+pub mod node;
+pub mod selector;
+pub mod telemetry;
