@@ -18,7 +18,7 @@ use support::{NetNs, veth_pair};
 use tortie::calc::{
     BlockInfo, ClusterView, EncapMode, NodeInfo, OverlayConfig, PoolInfo, desired_dataplane,
 };
-use tortie::dataplane::{self, Stats, netns};
+use tortie::dataplane::{self, Kernel, Stats};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -96,7 +96,7 @@ impl Series {
     }
 }
 
-async fn timed_apply(handle: &rtnetlink::Handle, view: &ClusterView) -> Result<(Duration, Stats)> {
+async fn timed_apply(kernel: &Kernel, view: &ClusterView) -> Result<(Duration, Stats)> {
     let start = Instant::now();
     let desired = desired_dataplane(
         view,
@@ -105,7 +105,7 @@ async fn timed_apply(handle: &rtnetlink::Handle, view: &ClusterView) -> Result<(
             ..OverlayConfig::default()
         },
     );
-    let report = dataplane::apply(handle, &desired).await?;
+    let report = dataplane::apply(kernel, &desired).await?;
     Ok((start.elapsed(), report.total()))
 }
 
@@ -117,7 +117,7 @@ async fn main() -> Result<()> {
     let vnet = NetNs::new("bench-vnet")?;
     veth_pair(&node, "eth0", &vnet, "eth0")?;
     node.exec_ok(&["ip", "addr", "add", "198.18.0.1/16", "dev", "eth0"])?;
-    let handle = netns::connect_in(&node.path())?;
+    let kernel = Kernel::in_netns(&node.path())?;
 
     let empty = cluster(0);
     let full = cluster(remotes);
@@ -156,12 +156,12 @@ async fn main() -> Result<()> {
         samples: vec![],
         stats: Stats::default(),
     };
-    timed_apply(&handle, &empty).await?; // the device and the local blackhole
+    timed_apply(&kernel, &empty).await?; // the device and the local blackhole
     for _ in 0..rounds {
-        let (d, s) = timed_apply(&handle, &full).await?;
+        let (d, s) = timed_apply(&kernel, &full).await?;
         appear.samples.push(d);
         appear.stats = s;
-        let (d, s) = timed_apply(&handle, &full).await?;
+        let (d, s) = timed_apply(&kernel, &full).await?;
         if s.changes() != 0 {
             bail!("resync after a full apply changed {s:?}");
         }
@@ -180,11 +180,11 @@ async fn main() -> Result<()> {
         let path = script.to_string_lossy().into_owned();
         node.exec_ok(&["ip", "-batch", &path])?;
         let _ = std::fs::remove_file(&script);
-        let (d, s) = timed_apply(&handle, &full).await?;
+        let (d, s) = timed_apply(&kernel, &full).await?;
         drift.samples.push(d);
         drift.stats = s;
 
-        let (d, s) = timed_apply(&handle, &empty).await?;
+        let (d, s) = timed_apply(&kernel, &empty).await?;
         vanish.samples.push(d);
         vanish.stats = s;
     }

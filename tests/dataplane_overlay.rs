@@ -19,7 +19,7 @@ use tortie::calc::{
 };
 use tortie::dataplane::monitor::{Changed, Monitor};
 use tortie::dataplane::resync::{self, ResyncConfig, Trigger};
-use tortie::dataplane::{self, ApplyReport, DataplaneError, links, netns};
+use tortie::dataplane::{self, ApplyReport, DataplaneError, Kernel, links};
 
 const POD1: &str = "10.244.1.5";
 const POD2: &str = "10.244.2.5";
@@ -27,7 +27,7 @@ const POD2: &str = "10.244.2.5";
 struct Node {
     ns: NetNs,
     name: &'static str,
-    handle: rtnetlink::Handle,
+    kernel: Kernel,
 }
 
 /// Two nodes on 198.18.0.0/24, one pod each. Everything is removed when it drops.
@@ -64,12 +64,12 @@ impl Bed {
         plumb_pod(&ns1, &p1, "cali1", POD1)?;
         plumb_pod(&ns2, &p2, "cali2", POD2)?;
         let n1 = Node {
-            handle: netns::connect_in(&ns1.path())?,
+            kernel: Kernel::in_netns(&ns1.path())?,
             ns: ns1,
             name: "n1",
         };
         let n2 = Node {
-            handle: netns::connect_in(&ns2.path())?,
+            kernel: Kernel::in_netns(&ns2.path())?,
             ns: ns2,
             name: "n2",
         };
@@ -163,16 +163,24 @@ fn view(local: &str, vxlan: EncapMode, ipip: EncapMode) -> ClusterView {
 
 /// Detects the host MTU in the node's namespace, computes the node's desired state, applies it.
 async fn converge(node: &Node, view: &ClusterView) -> Result<(DesiredDataplane, ApplyReport)> {
-    let host_mtu = dataplane::mtu::host_mtu(&node.handle).await?;
+    converge_with(&node.kernel, node.name, view).await
+}
+
+async fn converge_with(
+    kernel: &Kernel,
+    name: &str,
+    view: &ClusterView,
+) -> Result<(DesiredDataplane, ApplyReport)> {
+    let host_mtu = dataplane::mtu::host_mtu(&kernel.handle).await?;
     let cfg = OverlayConfig {
         host_mtu,
         ..OverlayConfig::default()
     };
     let desired = desired_dataplane(view, &cfg);
-    let report = dataplane::apply(&node.handle, &desired).await?;
+    let report = dataplane::apply(kernel, &desired).await?;
     eprintln!(
-        "{}: links {:?} neighbours {:?} routes {:?} in {:?}",
-        node.name, report.links, report.neighbours, report.routes, report.duration
+        "{name}: links {:?} neighbours {:?} routes {:?} in {:?}",
+        report.links, report.neighbours, report.routes, report.duration
     );
     Ok((desired, report))
 }
@@ -331,6 +339,23 @@ async fn pods_on_two_nodes_reach_each_other_over_vxlan() -> Result<()> {
         again.total(),
         again.duration
     );
+
+    // A restarted daemon (fresh connection, same view) finds nothing to do and duplicates
+    // nothing; the pods never lose connectivity.
+    let restarted = Kernel::in_netns(&bed.n1.ns.path())?;
+    let before = sh(&bed.n1.ns, &["ip", "route", "show", "proto", "80"]);
+    let (_, after_restart) = converge_with(&restarted, "n1 (restarted)", &v1).await?;
+    assert_eq!(
+        after_restart.total().changes(),
+        0,
+        "{:?}",
+        after_restart.total()
+    );
+    assert_eq!(
+        before,
+        sh(&bed.n1.ns, &["ip", "route", "show", "proto", "80"])
+    );
+    ping(&bed.p1, POD2)?;
     Ok(())
 }
 
@@ -537,7 +562,7 @@ async fn removing_a_node_removes_its_routes_neighbour_and_fdb_entry() -> Result<
 async fn ipip_routes_go_through_tunl0_where_the_kernel_has_ipip() -> Result<()> {
     let bed = Bed::new().await?;
     let v1 = view("n1", EncapMode::Never, EncapMode::Always);
-    let host_mtu = dataplane::mtu::host_mtu(&bed.n1.handle).await?;
+    let host_mtu = dataplane::mtu::host_mtu(&bed.n1.kernel.handle).await?;
     let desired = desired_dataplane(
         &v1,
         &OverlayConfig {
@@ -547,12 +572,12 @@ async fn ipip_routes_go_through_tunl0_where_the_kernel_has_ipip() -> Result<()> 
     );
 
     // The links driver names what is missing...
-    match links::reconcile(&bed.n1.handle, &desired).await {
+    match links::reconcile(&bed.n1.kernel, &desired).await {
         Err(e @ DataplaneError::MissingKernelFeature { module, .. }) => {
             assert_eq!(module, "ipip");
             // ...and a full apply degrades instead of failing: the rest is still applied,
             // the tunl0 route is skipped rather than pointed elsewhere.
-            let r = dataplane::apply(&bed.n1.handle, &desired).await?;
+            let r = dataplane::apply(&bed.n1.kernel, &desired).await?;
             assert_eq!(r.degraded.len(), 1, "{r:?}");
             assert_eq!(
                 (r.routes.skipped, r.routes.added),
@@ -623,7 +648,7 @@ async fn start_loop(
     mpsc::UnboundedReceiver<Outcome>,
     tokio::task::JoinHandle<()>,
 )> {
-    let host_mtu = dataplane::mtu::host_mtu(&node.handle).await?;
+    let host_mtu = dataplane::mtu::host_mtu(&node.kernel.handle).await?;
     let desired = desired_dataplane(
         view,
         &OverlayConfig {
@@ -634,7 +659,7 @@ async fn start_loop(
     let (tx, rx) = watch::channel(Arc::new(desired));
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(resync::run(
-        node.handle.clone(),
+        Kernel::in_netns(&node.ns.path())?,
         monitor,
         rx,
         cfg,
@@ -707,7 +732,7 @@ async fn the_loop_repairs_drift_as_soon_as_the_kernel_reports_it() -> Result<()>
 
     // A new desired state is applied without waiting for anything.
     v1.nodes.retain(|n| n.name != "n2");
-    let host_mtu = dataplane::mtu::host_mtu(&bed.n1.handle).await?;
+    let host_mtu = dataplane::mtu::host_mtu(&bed.n1.kernel.handle).await?;
     tx.send(Arc::new(desired_dataplane(
         &v1,
         &OverlayConfig {
@@ -749,5 +774,46 @@ async fn the_periodic_resync_repairs_drift_without_a_monitor() -> Result<()> {
     );
     drop(tx);
     tokio::time::timeout(Duration::from_secs(3), task).await??;
+    Ok(())
+}
+
+/// TX checksum offload of `dev` as the kernel reports it, read by an independent tool
+/// (python's ioctl, ETHTOOL_GTXCSUM), not by tortie's own code.
+fn tx_checksum_offload(ns: &NetNs, dev: &str) -> Result<bool> {
+    const SCRIPT: &str = "import array,fcntl,socket,struct,sys\n\
+        v=array.array('I',[0x16,0]);a,_=v.buffer_info()\n\
+        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+        fcntl.ioctl(s.fileno(),0x8946,struct.pack('16sP',sys.argv[1].encode(),a)+bytes(16))\n\
+        print(v[1])\n";
+    Ok(ns.exec_ok(&["python3", "-c", SCRIPT, dev])?.trim() == "1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_checksum_offload_is_turned_off_only_when_asked() -> Result<()> {
+    let bed = converged_bed().await?;
+    assert!(
+        tx_checksum_offload(&bed.n1.ns, "vxlan.calico")?,
+        "on by default"
+    );
+    let v1 = view("n1", EncapMode::Always, EncapMode::Never);
+    let apply_with = |offload: bool| {
+        let cfg = OverlayConfig {
+            host_mtu: 1500,
+            vxlan_tx_checksum_offload: offload,
+            ..OverlayConfig::default()
+        };
+        let desired = desired_dataplane(&v1, &cfg);
+        let kernel = &bed.n1.kernel;
+        async move { dataplane::apply(kernel, &desired).await }
+    };
+    let r = apply_with(false).await?;
+    assert_eq!((r.links.replaced, r.total().changes()), (1, 1), "{r:?}");
+    assert!(!tx_checksum_offload(&bed.n1.ns, "vxlan.calico")?);
+    ping(&bed.p1, POD2)?;
+    tcp_exchange(&bed.p2, POD2, &bed.p1)?;
+    assert_eq!(apply_with(false).await?.total().changes(), 0);
+    let r = apply_with(true).await?;
+    assert_eq!(r.links.replaced, 1, "{r:?}");
+    assert!(tx_checksum_offload(&bed.n1.ns, "vxlan.calico")?);
     Ok(())
 }

@@ -64,7 +64,7 @@ pub struct IPAMBlockSpec {
 }
 
 /// What an allocation is for (pod, tunnel address, ...).
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct AllocationAttribute {
     /// The handle the allocation was made under.
     #[serde(default, skip_serializing_if = "Option::is_none")]

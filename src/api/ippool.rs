@@ -149,11 +149,19 @@ impl IPPoolSpec {
     /// `blockSize`, or Calico's default for the pool's address family.
     pub fn effective_block_size(&self) -> Result<u8, ApiError> {
         let net = self.cidr_net()?;
-        Ok(match (self.block_size, net) {
-            (Some(size), _) => u8::try_from(size).unwrap_or(u8::MAX),
-            (None, ipnet::IpNet::V4(_)) => DEFAULT_BLOCK_SIZE_V4,
-            (None, ipnet::IpNet::V6(_)) => DEFAULT_BLOCK_SIZE_V6,
-        })
+        let (size, range) = match (self.block_size, net) {
+            (None, ipnet::IpNet::V4(_)) => return Ok(DEFAULT_BLOCK_SIZE_V4),
+            (None, ipnet::IpNet::V6(_)) => return Ok(DEFAULT_BLOCK_SIZE_V6),
+            (Some(size), ipnet::IpNet::V4(_)) => (size, 20..=32),
+            (Some(size), ipnet::IpNet::V6(_)) => (size, 116..=128),
+        };
+        match u8::try_from(size) {
+            Ok(s) if range.contains(&s) => Ok(s),
+            _ => Err(ApiError::BlockSize {
+                object: format!("IPPool {}", self.cidr),
+                value: size,
+            }),
+        }
     }
 
     /// `allowedUses` with Calico's default (Tunnel and Workload) when empty.

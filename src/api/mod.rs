@@ -50,6 +50,8 @@ pub enum ApiError {
         value: String,
         masked: String,
     },
+    #[error("{object}: blockSize {value} is outside 20-32 (IPv4) / 116-128 (IPv6)")]
+    BlockSize { object: String, value: i32 },
     #[error("writing CRD manifest {path}: {source}")]
     WriteManifest {
         path: String,

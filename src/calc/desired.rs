@@ -50,6 +50,8 @@ pub struct VxlanDevice {
     pub local_ip: Ipv4Addr,
     /// Configured on the device as a /32.
     pub tunnel_addr: Ipv4Addr,
+    /// TX checksum offload (see `calc::offload`).
+    pub tx_checksum_offload: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

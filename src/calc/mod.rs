@@ -5,6 +5,8 @@
 pub mod desired;
 pub mod diff;
 pub mod mtu;
+pub mod nat;
+pub mod offload;
 pub mod overlay;
 pub mod view;
 pub mod vtep;

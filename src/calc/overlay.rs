@@ -2,6 +2,7 @@
 //! neighbour + FDB entry per remote VTEP, tunl0 when a pool wants IPIP, and a route per
 //! remote block, local block (blackhole) and remotely held borrowed address.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -22,6 +23,8 @@ pub struct OverlayConfig {
     pub vxlan_vni: u32,
     pub vxlan_port: u16,
     pub route_table: u32,
+    /// From `calc::offload::vxlan_tx_checksum_offload`.
+    pub vxlan_tx_checksum_offload: bool,
 }
 
 impl Default for OverlayConfig {
@@ -31,12 +34,15 @@ impl Default for OverlayConfig {
             vxlan_vni: 4096,
             vxlan_port: 4789,
             route_table: MAIN_TABLE,
+            vxlan_tx_checksum_offload: true,
         }
     }
 }
 
 pub fn desired_dataplane(view: &ClusterView, cfg: &OverlayConfig) -> DesiredDataplane {
-    let local = view.node(&view.local_node);
+    // Indexed once: with thousands of nodes a per-block scan would dominate.
+    let nodes: HashMap<&str, &NodeInfo> = view.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let local = nodes.get(view.local_node.as_str()).copied();
     let local_net = local.and_then(|n| n.ip);
     let mut d = DesiredDataplane {
         parent_ip: local_net.map(|n| n.addr()),
@@ -57,6 +63,7 @@ pub fn desired_dataplane(view: &ClusterView, cfg: &OverlayConfig) -> DesiredData
             mtu: vxlan_mtu(cfg.host_mtu),
             local_ip: ip.addr(),
             tunnel_addr,
+            tx_checksum_offload: cfg.vxlan_tx_checksum_offload,
         });
     }
     if view.ipip_enabled() {
@@ -90,7 +97,7 @@ pub fn desired_dataplane(view: &ClusterView, cfg: &OverlayConfig) -> DesiredData
                 };
                 insert_route(&mut d, cfg, block.cidr, wanted);
             }
-        } else if let Some(wanted) = route_toward(view, &d, local_net, owner, &block.cidr) {
+        } else if let Some(wanted) = route_toward(view, &nodes, &d, local_net, owner, &block.cidr) {
             insert_route(&mut d, cfg, block.cidr, wanted);
         }
     }
@@ -100,7 +107,7 @@ pub fn desired_dataplane(view: &ClusterView, cfg: &OverlayConfig) -> DesiredData
             continue; // the local workload's own route (CNI) covers it
         }
         let dst = Ipv4Net::from(b.ip);
-        if let Some(mut wanted) = route_toward(view, &d, local_net, &b.node, &dst) {
+        if let Some(mut wanted) = route_toward(view, &nodes, &d, local_net, &b.node, &dst) {
             wanted.kind = RouteKind::Borrowed;
             insert_route(&mut d, cfg, dst, wanted);
         }
@@ -116,12 +123,13 @@ fn remote_nodes(view: &ClusterView) -> impl Iterator<Item = &NodeInfo> {
 /// None when the pool, the node or its tunnel is unknown, or when nothing can carry it.
 fn route_toward(
     view: &ClusterView,
+    nodes: &HashMap<&str, &NodeInfo>,
     d: &DesiredDataplane,
     local_net: Option<Ipv4Net>,
     owner: &str,
     dst: &Ipv4Net,
 ) -> Option<WantedRoute> {
-    let remote = view.node(owner)?;
+    let remote = *nodes.get(owner)?;
     let remote_ip = remote.ip?.addr();
     let pool = view.pool_for(dst)?;
     let same_subnet = local_net.is_some_and(|l| l.contains(&remote_ip));

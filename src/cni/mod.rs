@@ -10,11 +10,15 @@
 
 pub mod client;
 pub mod error;
+pub mod handlers;
+pub mod install;
 pub mod invocation;
 pub mod netconf;
 pub mod plugin;
+pub mod plumbing;
 pub mod protocol;
 pub mod result;
+pub mod server;
 pub mod version;
 
 pub use error::CniError;

@@ -39,3 +39,60 @@ where
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn missing(device: &str) -> DataplaneError {
+        DataplaneError::DeviceMissing {
+            device: device.into(),
+            what: "a test request".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn all_requests_run_and_the_count_is_returned() {
+        let reqs: Vec<_> = (0..100).map(|_| async { Ok(()) }).collect();
+        assert_eq!(run("route", reqs).await.unwrap(), 100);
+    }
+
+    #[tokio::test]
+    async fn failures_do_not_stop_the_rest_and_are_counted() {
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let reqs: Vec<_> = (0..5)
+            .map(|i| {
+                let done = &done;
+                async move {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i % 2 == 0 {
+                        Err(missing("vx"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .collect();
+        let err = run("fdb", reqs).await.unwrap_err();
+        assert_eq!(done.into_inner(), 5);
+        match err {
+            DataplaneError::Batch {
+                object,
+                failed,
+                total,
+                ..
+            } => {
+                assert_eq!((object, failed, total), ("fdb", 3, 5));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_failure_is_returned_as_is() {
+        let err = run("route", vec![async { Err(missing("tunl0")) }])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("device tunl0 is missing"), "{err}");
+    }
+}

@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use rtnetlink::Handle;
 use tracing::{debug, error};
 
-use super::{DataplaneError, Stats, links, neighbours, routes};
+use super::{DataplaneError, Kernel, Stats, links, neighbours, routes};
 use crate::calc::desired::DesiredDataplane;
 
 #[derive(Debug, Default)]
@@ -30,12 +29,13 @@ impl ApplyReport {
 }
 
 pub async fn apply(
-    handle: &Handle,
+    kernel: &Kernel,
     desired: &DesiredDataplane,
 ) -> Result<ApplyReport, DataplaneError> {
+    let handle = &kernel.handle;
     let start = Instant::now();
     let mut report = ApplyReport {
-        links: links::reconcile_vxlan(handle, desired.vxlan.as_ref()).await?,
+        links: links::reconcile_vxlan(kernel, desired.vxlan.as_ref()).await?,
         ..ApplyReport::default()
     };
     match links::reconcile_ipip(handle, desired.ipip.as_ref()).await {

@@ -32,7 +32,15 @@ pub enum DataplaneError {
     #[error("device {device} is missing: cannot program {what}")]
     DeviceMissing { device: String, what: String },
 
-    #[error("network namespace {path}: {action}: {source}")]
+    #[error("{action} on {device}: {source}")]
+    Ethtool {
+        device: String,
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("network namespace {}: {action}: {source}", path.display())]
     Netns {
         path: PathBuf,
         action: &'static str,

@@ -13,7 +13,7 @@ use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan};
 use tracing::{info, warn};
 
 use super::error::errno;
-use super::{DataplaneError, Stats};
+use super::{DataplaneError, Kernel, Stats, offload};
 use crate::calc::desired::{
     DesiredDataplane, IPIP_DEVICE, IpipDevice, Mac, VXLAN_DEVICE, VxlanDevice,
 };
@@ -171,18 +171,19 @@ pub async fn resolve_devices(
 /// Converges both tunnel devices. The VXLAN device is handled first, so a kernel without
 /// IPIP still gets a working VXLAN overlay before the IPIP error is returned.
 pub async fn reconcile(
-    handle: &Handle,
+    kernel: &Kernel,
     desired: &DesiredDataplane,
 ) -> Result<Stats, DataplaneError> {
-    let mut stats = reconcile_vxlan(handle, desired.vxlan.as_ref()).await?;
-    stats += reconcile_ipip(handle, desired.ipip.as_ref()).await?;
+    let mut stats = reconcile_vxlan(kernel, desired.vxlan.as_ref()).await?;
+    stats += reconcile_ipip(&kernel.handle, desired.ipip.as_ref()).await?;
     Ok(stats)
 }
 
 pub async fn reconcile_vxlan(
-    handle: &Handle,
+    kernel: &Kernel,
     want: Option<&VxlanDevice>,
 ) -> Result<Stats, DataplaneError> {
+    let handle = &kernel.handle;
     let mut stats = Stats::default();
     let links = dump_links(handle).await?;
     let existing = links.iter().find(|l| l.name == VXLAN_DEVICE);
@@ -227,7 +228,34 @@ pub async fn reconcile_vxlan(
         }
     };
     stats += sync_addresses(handle, index, &want.name, Some(want.tunnel_addr)).await?;
+    if sync_tx_checksum(kernel, want)? {
+        stats.replaced += 1;
+    }
     Ok(stats)
+}
+
+/// Returns whether it had to change the setting.
+fn sync_tx_checksum(kernel: &Kernel, want: &VxlanDevice) -> Result<bool, DataplaneError> {
+    let err = |action: &str, source| DataplaneError::Ethtool {
+        device: want.name.clone(),
+        action: action.to_string(),
+        source,
+    };
+    let sock = kernel.ioctl_socket()?;
+    let on =
+        offload::tx_checksum(&sock, &want.name).map_err(|e| err("read tx checksum offload", e))?;
+    if on == want.tx_checksum_offload {
+        return Ok(false);
+    }
+    let action = if want.tx_checksum_offload {
+        "turn tx checksum offload on"
+    } else {
+        "turn tx checksum offload off"
+    };
+    offload::set_tx_checksum(&sock, &want.name, want.tx_checksum_offload)
+        .map_err(|e| err(action, e))?;
+    info!(device = %want.name, offload = want.tx_checksum_offload, "set tx checksum offload");
+    Ok(true)
 }
 
 fn vxlan_compatible(link: &KernelLink, want: &VxlanDevice, parent: u32) -> bool {

@@ -5,16 +5,20 @@
 mod batch;
 pub mod converge;
 mod error;
+pub mod kernel;
 pub mod links;
 pub mod monitor;
 pub mod mtu;
 pub mod neighbours;
+pub mod nft;
 pub mod netns;
+mod offload;
 pub mod resync;
 pub mod routes;
 
 pub use converge::{ApplyReport, apply};
 pub use error::DataplaneError;
+pub use kernel::Kernel;
 
 /// What one reconcile did. `changes()` is zero when the kernel already matched.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -5,13 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rtnetlink::Handle;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{info, warn};
 
 use super::monitor::{Changed, Monitor};
-use super::{ApplyReport, DataplaneError, apply, links};
+use super::{ApplyReport, DataplaneError, Kernel, apply, links};
 use crate::calc::desired::DesiredDataplane;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +40,7 @@ pub enum Trigger {
 /// Runs until the sender of `desired` is dropped. `report` sees every apply's outcome (for
 /// readiness, metrics and drift counters). Applies start at once with the current value.
 pub async fn run(
-    handle: Handle,
+    kernel: Kernel,
     mut monitor: Option<Monitor>,
     mut desired: watch::Receiver<Arc<DesiredDataplane>>,
     cfg: ResyncConfig,
@@ -52,7 +51,7 @@ pub async fn run(
     let mut had_conflicts = false;
     loop {
         let want = desired.borrow_and_update().clone();
-        let outcome = apply(&handle, &want).await;
+        let outcome = apply(&kernel, &want).await;
         match &outcome {
             Ok(r) => {
                 had_conflicts = r.routes.conflicts > 0;
@@ -66,7 +65,7 @@ pub async fn run(
         }
         report(trigger, &outcome);
         // Neighbour events on other devices (pods' ARP) are none of this loop's business.
-        if let Ok(devices) = links::resolve_devices(&handle, None).await {
+        if let Ok(devices) = links::resolve_devices(&kernel.handle, None).await {
             vxlan_index = devices.vxlan;
         }
 

@@ -2,6 +2,7 @@
 //! feeding a reflector store, and the sync state (every watch listed, none failing) that
 //! readiness and `tortie_datastore_synced` report.
 
+pub mod lease;
 mod sync;
 mod watch;
 

@@ -83,7 +83,10 @@ impl Block {
     /// Rejects a block whose arrays disagree with its CIDR or with each other; handing out
     /// addresses from such a block could duplicate an address, so it is never used.
     pub fn validate(&self) -> Result<(), IpamError> {
-        let bad = |reason: String| IpamError::CorruptBlock { block: self.cidr, reason };
+        let bad = |reason: String| IpamError::CorruptBlock {
+            block: self.cidr,
+            reason,
+        };
         let n = block_len(&self.cidr)?;
         if self.allocations.len() != n {
             return Err(bad(format!(
@@ -97,18 +100,24 @@ impl Block {
             .enumerate()
             .find_map(|(o, a)| a.filter(|i| *i >= self.attributes.len()).map(|i| (o, i)))
         {
-            return Err(bad(format!("ordinal {ord} points at missing attribute {idx}")));
+            return Err(bad(format!(
+                "ordinal {ord} points at missing attribute {idx}"
+            )));
         }
         let mut seen = vec![false; n];
         for &ord in &self.unallocated {
             if ord >= n {
-                return Err(bad(format!("unallocated ordinal {ord} is outside the block")));
+                return Err(bad(format!(
+                    "unallocated ordinal {ord} is outside the block"
+                )));
             }
             if seen[ord] {
                 return Err(bad(format!("unallocated ordinal {ord} is listed twice")));
             }
             if self.allocations[ord].is_some() {
-                return Err(bad(format!("ordinal {ord} is both allocated and unallocated")));
+                return Err(bad(format!(
+                    "ordinal {ord} is both allocated and unallocated"
+                )));
             }
             seen[ord] = true;
         }
@@ -116,7 +125,9 @@ impl Block {
     }
 
     pub fn host(&self) -> Option<&str> {
-        self.affinity.as_deref().and_then(|a| a.strip_prefix("host:"))
+        self.affinity
+            .as_deref()
+            .and_then(|a| a.strip_prefix("host:"))
     }
 
     pub fn is_affine_to(&self, node: &str) -> bool {
@@ -197,8 +208,10 @@ impl Block {
         now: DateTime<Utc>,
         cooldown: TimeDelta,
     ) -> Result<(), IpamError> {
-        let ord = ordinal_of(&self.cidr, addr)
-            .ok_or(IpamError::AddressOutsideBlock { addr, block: self.cidr })?;
+        let ord = ordinal_of(&self.cidr, addr).ok_or(IpamError::AddressOutsideBlock {
+            addr,
+            block: self.cidr,
+        })?;
         self.reclaim_cooled(now, cooldown);
         if let Some(Some(idx)) = self.allocations.get(ord) {
             let attr = self.attributes.get(*idx);
@@ -241,7 +254,11 @@ impl Block {
             return Vec::new();
         }
         let cooling = (cooldown > TimeDelta::zero()).then(|| {
-            let marker = Attribute { handle_id: None, secondary: BTreeMap::new(), released_at: Some(now) };
+            let marker = Attribute {
+                handle_id: None,
+                secondary: BTreeMap::new(),
+                released_at: Some(now),
+            };
             match self.attributes.iter().position(|a| *a == marker) {
                 Some(i) => i,
                 None => {
@@ -258,7 +275,9 @@ impl Block {
             }
         }
         self.compact_attributes();
-        ords.iter().filter_map(|&o| addr_at(&self.cidr, o)).collect()
+        ords.iter()
+            .filter_map(|&o| addr_at(&self.cidr, o))
+            .collect()
     }
 
     /// Addresses that can be handed out now (reserved ones excluded).
@@ -274,7 +293,10 @@ impl Block {
     pub fn in_use_count(&self) -> usize {
         self.allocations
             .iter()
-            .filter(|a| a.and_then(|i| self.attributes.get(i)).is_some_and(|x| x.handle_id.is_some()))
+            .filter(|a| {
+                a.and_then(|i| self.attributes.get(i))
+                    .is_some_and(|x| x.handle_id.is_some())
+            })
             .count()
     }
 
@@ -282,7 +304,10 @@ impl Block {
     pub fn cooling_count(&self) -> usize {
         self.allocations
             .iter()
-            .filter(|a| a.and_then(|i| self.attributes.get(i)).is_some_and(Attribute::is_cooling))
+            .filter(|a| {
+                a.and_then(|i| self.attributes.get(i))
+                    .is_some_and(Attribute::is_cooling)
+            })
             .count()
     }
 
@@ -377,7 +402,13 @@ mod tests {
         }
     }
     fn block(cidr: &str) -> Block {
-        Block::new(cidr.parse().unwrap(), Some(host_affinity("n1")), Some(t(0)), 7).unwrap()
+        Block::new(
+            cidr.parse().unwrap(),
+            Some(host_affinity("n1")),
+            Some(t(0)),
+            7,
+        )
+        .unwrap()
     }
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -391,7 +422,11 @@ mod tests {
         assert_eq!(got, vec![ip("10.0.0.0"), ip("10.0.0.1"), ip("10.0.0.2")]);
         assert_eq!(b.free_count(&NONE), 5);
         assert_eq!(b.in_use_count(), 3);
-        assert_eq!(b.attributes.len(), 1, "one attribute shared by the three ordinals");
+        assert_eq!(
+            b.attributes.len(),
+            1,
+            "one attribute shared by the three ordinals"
+        );
         assert_eq!(b.sequence_number_for_allocation.get("2"), Some(&7));
         b.validate().unwrap();
     }
@@ -407,7 +442,11 @@ mod tests {
         b.release_by_handle("a", t(2), none);
         assert_eq!(b.unallocated, vec![2, 0]);
         let got = b.auto_assign(1, &owner("e"), &NONE, t(3), none);
-        assert_eq!(got, vec![ip("10.0.0.2")], "c was freed first, so it is reused first");
+        assert_eq!(
+            got,
+            vec![ip("10.0.0.2")],
+            "c was freed first, so it is reused first"
+        );
     }
 
     #[test]
@@ -416,8 +455,14 @@ mod tests {
         b.auto_assign(2, &owner("a"), &NONE, t(0), DEFAULT_COOLDOWN);
         assert_eq!(b.release_by_handle("a", t(10), DEFAULT_COOLDOWN).len(), 2);
         assert_eq!(b.cooling_count(), 2);
-        assert!(!b.is_empty(), "cooling addresses keep the block from being released");
-        assert!(b.auto_assign(1, &owner("b"), &NONE, t(39), DEFAULT_COOLDOWN).is_empty());
+        assert!(
+            !b.is_empty(),
+            "cooling addresses keep the block from being released"
+        );
+        assert!(
+            b.auto_assign(1, &owner("b"), &NONE, t(39), DEFAULT_COOLDOWN)
+                .is_empty()
+        );
         assert!(matches!(
             b.assign_addr(ip("10.0.0.1"), &owner("b"), t(39), DEFAULT_COOLDOWN),
             Err(IpamError::AddressCoolingDown { .. })
@@ -425,7 +470,11 @@ mod tests {
         let got = b.auto_assign(1, &owner("b"), &NONE, t(40), DEFAULT_COOLDOWN);
         assert_eq!(got, vec![ip("10.0.0.0")]);
         assert_eq!(b.cooling_count(), 0);
-        assert_eq!(b.attributes.len(), 1, "the releasedAt marker is compacted away");
+        assert_eq!(
+            b.attributes.len(),
+            1,
+            "the releasedAt marker is compacted away"
+        );
         b.validate().unwrap();
     }
 
@@ -463,17 +512,30 @@ mod tests {
         assert_eq!(b, before);
         assert_eq!(b.handle_counts(), [("b".to_string(), 1)].into());
         assert_eq!(b.attributes.len(), 1);
-        assert_eq!(b.allocations[2], Some(0), "b's ordinal is renumbered to the kept attribute");
+        assert_eq!(
+            b.allocations[2],
+            Some(0),
+            "b's ordinal is renumbered to the kept attribute"
+        );
     }
 
     #[test]
     fn assigning_a_taken_address_names_its_handle() {
         let mut b = block("10.0.0.0/29");
-        b.assign_addr(ip("10.0.0.5"), &owner("a"), t(0), DEFAULT_COOLDOWN).unwrap();
-        let err = b.assign_addr(ip("10.0.0.5"), &owner("b"), t(0), DEFAULT_COOLDOWN).unwrap_err();
-        assert_eq!(err.to_string(), "address 10.0.0.5 is already in use by handle \"a\"");
+        b.assign_addr(ip("10.0.0.5"), &owner("a"), t(0), DEFAULT_COOLDOWN)
+            .unwrap();
+        let err = b
+            .assign_addr(ip("10.0.0.5"), &owner("b"), t(0), DEFAULT_COOLDOWN)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "address 10.0.0.5 is already in use by handle \"a\""
+        );
         assert!(!b.unallocated.contains(&5));
-        assert_eq!(b.holder(ip("10.0.0.5")).unwrap().handle_id.as_deref(), Some("a"));
+        assert_eq!(
+            b.holder(ip("10.0.0.5")).unwrap().handle_id.as_deref(),
+            Some("a")
+        );
         let got = b.auto_assign(8, &owner("c"), &NONE, t(0), DEFAULT_COOLDOWN);
         assert_eq!(got.len(), 7);
         assert!(!got.contains(&ip("10.0.0.5")));

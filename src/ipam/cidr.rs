@@ -79,7 +79,9 @@ pub fn validate_block_size(pool: &IpNet, block_size: u8) -> Result<(), IpamError
     }
     let n = 1u128 << (max_prefix(v4) - block_size);
     if n > MAX_BLOCK_ADDRESSES {
-        return Err(bad(format!("blocks of {n} addresses exceed {MAX_BLOCK_ADDRESSES}")));
+        return Err(bad(format!(
+            "blocks of {n} addresses exceed {MAX_BLOCK_ADDRESSES}"
+        )));
     }
     Ok(())
 }
@@ -111,7 +113,10 @@ pub fn addr_at(block: &IpNet, ordinal: usize) -> Option<IpAddr> {
     if ord >= num_addresses(block) {
         return None;
     }
-    Some(u128_to_addr(addr_to_u128(block.network()) + ord, is_v4(block)))
+    Some(u128_to_addr(
+        addr_to_u128(block.network()) + ord,
+        is_v4(block),
+    ))
 }
 
 /// Calico's IPAMBlock name: the CIDR with `.`, `:` and `/` replaced by `-`.
@@ -211,10 +216,18 @@ impl Iterator for BlockWalk {
         }
         // (start + taken) mod count without overflowing for a ::/0 pool of /128 blocks.
         let rest = self.count - self.taken;
-        let idx = if self.start >= rest { self.start - rest } else { self.start + self.taken };
+        let idx = if self.start >= rest {
+            self.start - rest
+        } else {
+            self.start + self.taken
+        };
         self.taken += 1;
         let offset = idx.checked_shl(self.step_bits).unwrap_or(0);
-        Some(make_net(self.base.wrapping_add(offset), self.block_size, self.v4))
+        Some(make_net(
+            self.base.wrapping_add(offset),
+            self.block_size,
+            self.v4,
+        ))
     }
 }
 
@@ -292,14 +305,22 @@ mod tests {
         sorted.sort();
         assert_eq!(
             sorted,
-            ["192.168.0.0/26", "192.168.0.64/26", "192.168.0.128/26", "192.168.0.192/26"]
-                .map(net)
-                .to_vec()
+            [
+                "192.168.0.0/26",
+                "192.168.0.64/26",
+                "192.168.0.128/26",
+                "192.168.0.192/26"
+            ]
+            .map(net)
+            .to_vec()
         );
         // Sequential with wrap-around from the start.
         let first = ordinal_of(&pool, blocks[0].network()).unwrap() / 64;
         for (i, b) in blocks.iter().enumerate() {
-            assert_eq!(ordinal_of(&pool, b.network()).unwrap() / 64, (first + i) % 4);
+            assert_eq!(
+                ordinal_of(&pool, b.network()).unwrap() / 64,
+                (first + i) % 4
+            );
         }
     }
 
@@ -307,7 +328,12 @@ mod tests {
     fn walks_of_different_nodes_start_at_different_blocks() {
         let pool = net("10.0.0.0/16");
         let starts: std::collections::BTreeSet<_> = (0..20)
-            .map(|i| BlockWalk::for_node(&pool, 26, &format!("node-{i}")).unwrap().next().unwrap())
+            .map(|i| {
+                BlockWalk::for_node(&pool, 26, &format!("node-{i}"))
+                    .unwrap()
+                    .next()
+                    .unwrap()
+            })
             .collect();
         assert!(starts.len() >= 15, "starts should spread: {starts:?}");
     }

@@ -6,11 +6,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 pub fn time_to_chrono(t: &Time) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.0.as_second(), u32::try_from(t.0.subsec_nanosecond()).ok()?)
+    DateTime::from_timestamp(
+        t.0.as_second(),
+        u32::try_from(t.0.subsec_nanosecond()).ok()?,
+    )
 }
 
 pub fn chrono_to_time(t: DateTime<Utc>) -> Option<Time> {
-    let ts = Timestamp::new(t.timestamp(), i32::try_from(t.timestamp_subsec_nanos()).ok()?).ok()?;
+    let ts = Timestamp::new(
+        t.timestamp(),
+        i32::try_from(t.timestamp_subsec_nanos()).ok()?,
+    )
+    .ok()?;
     Some(Time(ts))
 }
 
@@ -24,7 +31,10 @@ pub fn block_from_spec(spec: &IPAMBlockSpec) -> Result<Block, IpamError> {
         cidr: spec.cidr.clone(),
         reason: e.to_string(),
     })?;
-    let corrupt = |reason: String| IpamError::CorruptBlock { block: cidr, reason };
+    let corrupt = |reason: String| IpamError::CorruptBlock {
+        block: cidr,
+        reason,
+    };
     let allocations = spec
         .allocations
         .iter()
@@ -110,14 +120,29 @@ mod tests {
     #[test]
     fn block_round_trips_through_the_crd_form() {
         let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-        let mut b = Block::new("10.0.0.0/29".parse().unwrap(), Some(host_affinity("n1")), Some(t0), 42).unwrap();
-        let owner = Owner { handle_id: "k8s-pod-network.c1".into(), attrs: [("pod".into(), "p".into())].into() };
+        let mut b = Block::new(
+            "10.0.0.0/29".parse().unwrap(),
+            Some(host_affinity("n1")),
+            Some(t0),
+            42,
+        )
+        .unwrap();
+        let owner = Owner {
+            handle_id: "k8s-pod-network.c1".into(),
+            attrs: [("pod".into(), "p".into())].into(),
+        };
         b.auto_assign(3, &owner, &Reservations::EMPTY, t0, DEFAULT_COOLDOWN);
         b.release_by_handle("k8s-pod-network.c1", t0, DEFAULT_COOLDOWN);
         b.auto_assign(1, &owner, &Reservations::EMPTY, t0, DEFAULT_COOLDOWN);
         let spec = block_to_spec(&b);
         let json = serde_json::to_value(&spec).unwrap();
-        assert!(json["attributes"].as_array().unwrap().iter().any(|a| a.get("releasedAt").is_some()));
+        assert!(
+            json["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a.get("releasedAt").is_some())
+        );
         let back = block_from_spec(&serde_json::from_value(json).unwrap()).unwrap();
         assert_eq!(back, b);
     }
@@ -127,7 +152,10 @@ mod tests {
         let b = Block::new("10.0.0.0/30".parse().unwrap(), None, None, 1).unwrap();
         let mut spec = block_to_spec(&b);
         spec.allocations[0] = Some(0);
-        assert!(block_from_spec(&spec).is_err(), "ordinal 0 is allocated and unallocated");
+        assert!(
+            block_from_spec(&spec).is_err(),
+            "ordinal 0 is allocated and unallocated"
+        );
         let mut spec = block_to_spec(&b);
         spec.unallocated.push(-1);
         assert!(block_from_spec(&spec).is_err());

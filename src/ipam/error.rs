@@ -26,16 +26,33 @@ pub enum IpamError {
     #[error("IPPool {pool:?} cannot be used: {reason}")]
     InvalidPool { pool: String, reason: String },
     #[error("{whose} annotation {key}={value:?} is not a valid JSON list of strings: {reason}")]
-    BadAnnotation { whose: &'static str, key: &'static str, value: String, reason: String },
+    BadAnnotation {
+        whose: &'static str,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("the given pool ({pool}) {reason}")]
     RequestedPoolUnusable { pool: String, reason: String },
     #[error("no enabled {family} pool allows use {use_} and selects node {node:?}")]
-    NoPoolForNode { family: Family, node: String, use_: String },
+    NoPoolForNode {
+        family: Family,
+        node: String,
+        use_: String,
+    },
     #[error("cannot assign fixed address {addr}: {reason}")]
     FixedIpUnusable { addr: IpAddr, reason: String },
-    #[error("node {node:?} holds {owned} blocks, the maxBlocksPerHost limit ({max}), and none has a free address")]
-    BlockLimit { node: String, owned: usize, max: u32 },
-    #[error("node {node:?} has no free address in its own blocks and no block left to claim in pools {pools:?}; other nodes' blocks have room but strictAffinity is true")]
+    #[error(
+        "node {node:?} holds {owned} blocks, the maxBlocksPerHost limit ({max}), and none has a free address"
+    )]
+    BlockLimit {
+        node: String,
+        owned: usize,
+        max: u32,
+    },
+    #[error(
+        "node {node:?} has no free address in its own blocks and no block left to claim in pools {pools:?}; other nodes' blocks have room but strictAffinity is true"
+    )]
     StrictAffinity { node: String, pools: Vec<String> },
     #[error("{}", join_usage(pools))]
     Exhausted { pools: Vec<PoolUsage> },
@@ -52,7 +69,11 @@ pub enum IpamError {
     #[error("{object}: gave up after too many compare-and-swap conflicts")]
     TooManyConflicts { object: String },
     #[error("cannot {action} {object}: {source}")]
-    Api { object: String, action: &'static str, source: Box<kube::Error> },
+    Api {
+        object: String,
+        action: &'static str,
+        source: Box<kube::Error>,
+    },
     #[error("IPAM watches did not sync within {after:?}")]
     NotSynced { after: std::time::Duration },
 }
@@ -61,5 +82,9 @@ fn join_usage(pools: &[PoolUsage]) -> String {
     if pools.is_empty() {
         return "no pool to allocate from".to_string();
     }
-    pools.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    pools
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }

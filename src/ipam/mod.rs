@@ -3,7 +3,7 @@
 
 pub mod block;
 pub mod cidr;
-mod convert;
+pub mod convert;
 mod error;
 pub mod pools;
 pub mod reservations;

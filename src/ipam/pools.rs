@@ -33,7 +33,11 @@ impl Family {
     }
 
     pub fn of_addr(addr: &IpAddr) -> Family {
-        if addr.is_ipv4() { Family::V4 } else { Family::V6 }
+        if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
     }
 
     fn pools_annotation(self) -> &'static str {
@@ -70,9 +74,15 @@ pub struct Pool {
 impl Pool {
     pub fn from_ippool(p: &IPPool) -> Result<Pool, IpamError> {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let invalid = |reason: String| IpamError::InvalidPool { pool: name.clone(), reason };
+        let invalid = |reason: String| IpamError::InvalidPool {
+            pool: name.clone(),
+            reason,
+        };
         let cidr = p.cidr_net().map_err(|e| invalid(e.to_string()))?;
-        let block_size = p.spec.effective_block_size().map_err(|e| invalid(e.to_string()))?;
+        let block_size = p
+            .spec
+            .effective_block_size()
+            .map_err(|e| invalid(e.to_string()))?;
         validate_block_size(&cidr, block_size).map_err(|e| invalid(e.to_string()))?;
         let node_selector = parse_node_selector(p.spec.effective_node_selector())
             .map_err(|e| invalid(e.to_string()))?;
@@ -89,7 +99,11 @@ impl Pool {
             namespace_selector,
             allowed_uses: p.spec.effective_allowed_uses(),
             automatic: p.spec.effective_assignment_mode() == AssignmentMode::Automatic,
-            created: p.metadata.creation_timestamp.as_ref().and_then(time_to_chrono),
+            created: p
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(time_to_chrono),
         })
     }
 
@@ -131,14 +145,22 @@ impl PoolSet {
         for p in pools {
             match kept.iter().find(|k| nets_overlap(&k.cidr, &p.cidr)) {
                 Some(older) => {
-                    overlaps.push(Overlap { kept: older.name.clone(), excluded: p.name.clone() });
+                    overlaps.push(Overlap {
+                        kept: older.name.clone(),
+                        excluded: p.name.clone(),
+                    });
                     excluded.push(p);
                 }
                 None => kept.push(p),
             }
         }
         kept.sort_by(|a, b| a.name.cmp(&b.name));
-        PoolSet { pools: kept, excluded, overlaps, invalid: Vec::new() }
+        PoolSet {
+            pools: kept,
+            excluded,
+            overlaps,
+            invalid: Vec::new(),
+        }
     }
 
     /// Builds the set from IPPool objects; pools that do not parse are reported, not used.
@@ -229,11 +251,18 @@ pub struct PoolChoice<'p> {
 /// Chooses the pools for one address family. An explicit list (annotation or CNI config) is
 /// used as given, bypassing selectors as Calico does; each entry must exist and be enabled.
 /// Otherwise every enabled, Automatic pool allowing the use whose selectors match.
-pub fn choose_pools<'p>(set: &'p PoolSet, req: &PoolRequest<'_>) -> Result<PoolChoice<'p>, IpamError> {
+pub fn choose_pools<'p>(
+    set: &'p PoolSet,
+    req: &PoolRequest<'_>,
+) -> Result<PoolChoice<'p>, IpamError> {
     let key = req.family.pools_annotation();
     let explicit = [
         (req.pod_annotations, PoolSource::PodAnnotation, "pod"),
-        (req.namespace_annotations, PoolSource::NamespaceAnnotation, "namespace"),
+        (
+            req.namespace_annotations,
+            PoolSource::NamespaceAnnotation,
+            "namespace",
+        ),
     ]
     .into_iter()
     .find_map(|(ann, source, whose)| Some((ann?.get(key)?, source, whose)));
@@ -268,7 +297,10 @@ pub fn choose_pools<'p>(set: &'p PoolSet, req: &PoolRequest<'_>) -> Result<PoolC
             use_: format!("{:?}", req.use_),
         });
     }
-    Ok(PoolChoice { pools, source: PoolSource::NodeSelector })
+    Ok(PoolChoice {
+        pools,
+        source: PoolSource::NodeSelector,
+    })
 }
 
 fn resolve_named<'p>(
@@ -290,7 +322,10 @@ fn resolve_named<'p>(
                     Some(o) => format!("overlaps the older pool {:?} and is not used", o.kept),
                     None => "does not exist".to_string(),
                 };
-                return Err(IpamError::RequestedPoolUnusable { pool: entry.clone(), reason });
+                return Err(IpamError::RequestedPoolUnusable {
+                    pool: entry.clone(),
+                    reason,
+                });
             }
         };
         let reason = if pool.disabled {
@@ -303,7 +338,10 @@ fn resolve_named<'p>(
             None
         };
         if let Some(reason) = reason {
-            return Err(IpamError::RequestedPoolUnusable { pool: entry.clone(), reason });
+            return Err(IpamError::RequestedPoolUnusable {
+                pool: entry.clone(),
+                reason,
+            });
         }
         if !pools.contains(&pool) {
             pools.push(pool);
@@ -327,9 +365,15 @@ pub fn parse_ip_addrs(value: &str) -> Result<Vec<IpAddr>, IpamError> {
     let list = parse_json_list(value).map_err(bad)?;
     let mut out: Vec<IpAddr> = Vec::new();
     for s in &list {
-        let addr: IpAddr = s.trim().parse().map_err(|_| bad(format!("{s:?} is not an IP address")))?;
+        let addr: IpAddr = s
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("{s:?} is not an IP address")))?;
         if out.iter().any(|a| a.is_ipv4() == addr.is_ipv4()) {
-            return Err(bad(format!("more than one {} address", Family::of_addr(&addr))));
+            return Err(bad(format!(
+                "more than one {} address",
+                Family::of_addr(&addr)
+            )));
         }
         out.push(addr);
     }
@@ -340,13 +384,19 @@ pub fn parse_ip_addrs(value: &str) -> Result<Vec<IpAddr>, IpamError> {
 }
 
 /// The pool a fixed address must come from; fails saying why the address cannot be used.
-pub fn pool_for_fixed_ip(set: &PoolSet, addr: IpAddr, use_: AllowedUse) -> Result<&Pool, IpamError> {
+pub fn pool_for_fixed_ip(
+    set: &PoolSet,
+    addr: IpAddr,
+    use_: AllowedUse,
+) -> Result<&Pool, IpamError> {
     let Some(pool) = set.containing(addr) else {
         let reason = match set.excluded.iter().find(|p| p.cidr.contains(&addr)) {
             Some(p) => format!(
                 "its pool {} overlaps the older pool {:?} and is not used",
                 p.describe(),
-                set.excluded_by(&p.name).map(|o| o.kept.as_str()).unwrap_or_default()
+                set.excluded_by(&p.name)
+                    .map(|o| o.kept.as_str())
+                    .unwrap_or_default()
             ),
             None => "it is outside every IP pool".to_string(),
         };
@@ -367,21 +417,21 @@ pub fn pool_for_fixed_ip(set: &PoolSet, addr: IpAddr, use_: AllowedUse) -> Resul
     Ok(pool)
 }
 
-/// Labels for an allocation with no pod or namespace (tunnel addresses).
-pub fn no_labels() -> &'static BTreeMap<String, String> {
-    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
-    &EMPTY
-}
-
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::IPPoolSpec;
 
     fn ippool(name: &str, cidr: &str, created: i64) -> IPPool {
-        let mut p = IPPool::new(name, IPPoolSpec { cidr: cidr.into(), ..Default::default() });
-        p.metadata.creation_timestamp = DateTime::from_timestamp(created, 0).and_then(super::super::convert::chrono_to_time);
+        let mut p = IPPool::new(
+            name,
+            IPPoolSpec {
+                cidr: cidr.into(),
+                ..Default::default()
+            },
+        );
+        p.metadata.creation_timestamp =
+            DateTime::from_timestamp(created, 0).and_then(super::super::convert::chrono_to_time);
         p
     }
     fn set(pools: Vec<IPPool>) -> PoolSet {
@@ -390,7 +440,10 @@ mod tests {
         s
     }
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
     fn names(c: &PoolChoice<'_>) -> Vec<String> {
         c.pools.iter().map(|p| p.name.clone()).collect()
@@ -425,13 +478,22 @@ mod tests {
         req.namespace_annotations = Some(&ns);
         req.cni_pools = &cni;
         let c = choose_pools(&s, &req).unwrap();
-        assert_eq!((names(&c), c.source), (vec!["a".into()], PoolSource::PodAnnotation));
+        assert_eq!(
+            (names(&c), c.source),
+            (vec!["a".into()], PoolSource::PodAnnotation)
+        );
         req.pod_annotations = None;
         let c = choose_pools(&s, &req).unwrap();
-        assert_eq!((names(&c), c.source), (vec!["b".into()], PoolSource::NamespaceAnnotation));
+        assert_eq!(
+            (names(&c), c.source),
+            (vec!["b".into()], PoolSource::NamespaceAnnotation)
+        );
         req.namespace_annotations = None;
         let c = choose_pools(&s, &req).unwrap();
-        assert_eq!((names(&c), c.source), (vec!["c".into()], PoolSource::CniConfig));
+        assert_eq!(
+            (names(&c), c.source),
+            (vec!["c".into()], PoolSource::CniConfig)
+        );
         req.cni_pools = &[];
         let c = choose_pools(&s, &req).unwrap();
         assert_eq!(names(&c), vec!["a", "b", "c", "d"]);
@@ -440,7 +502,10 @@ mod tests {
 
     #[test]
     fn v6_annotation_does_not_steer_v4() {
-        let s = set(vec![ippool("a", "10.1.0.0/16", 1), ippool("b", "10.2.0.0/16", 2)]);
+        let s = set(vec![
+            ippool("a", "10.1.0.0/16", 1),
+            ippool("b", "10.2.0.0/16", 2),
+        ]);
         let labels = map(&[]);
         let pod = map(&[(ANNOTATION_IPV6_POOLS, r#"["v6"]"#)]);
         let mut req = request(&labels);
@@ -492,14 +557,30 @@ mod tests {
         let mut off = ippool("off", "10.4.0.0/16", 1);
         off.spec.disabled = true;
         let v6 = ippool("v6", "fd00::/48", 1);
-        let s = set(vec![zone, manual, tunnel, off, v6, ippool("z-all", "10.5.0.0/16", 1)]);
+        let s = set(vec![
+            zone,
+            manual,
+            tunnel,
+            off,
+            v6,
+            ippool("z-all", "10.5.0.0/16", 1),
+        ]);
         let a = map(&[("zone", "a")]);
         let b = map(&[("zone", "b")]);
-        assert_eq!(names(&choose_pools(&s, &request(&a)).unwrap()), vec!["z-all", "zone-a"]);
-        assert_eq!(names(&choose_pools(&s, &request(&b)).unwrap()), vec!["z-all"]);
+        assert_eq!(
+            names(&choose_pools(&s, &request(&a)).unwrap()),
+            vec!["z-all", "zone-a"]
+        );
+        assert_eq!(
+            names(&choose_pools(&s, &request(&b)).unwrap()),
+            vec!["z-all"]
+        );
         let mut t = request(&b);
         t.use_ = AllowedUse::Tunnel;
-        assert_eq!(names(&choose_pools(&s, &t).unwrap()), vec!["tunnel-only", "z-all"]);
+        assert_eq!(
+            names(&choose_pools(&s, &t).unwrap()),
+            vec!["tunnel-only", "z-all"]
+        );
         t.family = Family::V6;
         assert_eq!(names(&choose_pools(&s, &t).unwrap()), vec!["v6"]);
     }
@@ -511,7 +592,10 @@ mod tests {
         let s = set(vec![zone]);
         let labels = map(&[]);
         let err = choose_pools(&s, &request(&labels)).unwrap_err().to_string();
-        assert_eq!(err, "no enabled IPv4 pool allows use Workload and selects node \"n1\"");
+        assert_eq!(
+            err,
+            "no enabled IPv4 pool allows use Workload and selects node \"n1\""
+        );
     }
 
     #[test]
@@ -527,8 +611,14 @@ mod tests {
         assert_eq!(
             s.overlaps(),
             &[
-                Overlap { kept: "same-time-a".into(), excluded: "same-time-b".into() },
-                Overlap { kept: "old".into(), excluded: "new".into() },
+                Overlap {
+                    kept: "same-time-a".into(),
+                    excluded: "same-time-b".into()
+                },
+                Overlap {
+                    kept: "old".into(),
+                    excluded: "new".into()
+                },
             ]
         );
         let labels = map(&[]);
@@ -536,32 +626,54 @@ mod tests {
         let cni = vec!["new".to_string()];
         req.cni_pools = &cni;
         let err = choose_pools(&s, &req).unwrap_err().to_string();
-        assert_eq!(err, "the given pool (new) overlaps the older pool \"old\" and is not used");
+        assert_eq!(
+            err,
+            "the given pool (new) overlaps the older pool \"old\" and is not used"
+        );
     }
 
     #[test]
     fn ip_addrs_annotation_is_parsed_and_checked() {
         assert_eq!(
             parse_ip_addrs(r#"["10.0.0.7", "fd00::7"]"#).unwrap(),
-            vec!["10.0.0.7".parse::<IpAddr>().unwrap(), "fd00::7".parse().unwrap()]
+            vec![
+                "10.0.0.7".parse::<IpAddr>().unwrap(),
+                "fd00::7".parse().unwrap()
+            ]
         );
-        let err = parse_ip_addrs(r#"["10.0.0.7","10.0.0.8"]"#).unwrap_err().to_string();
+        let err = parse_ip_addrs(r#"["10.0.0.7","10.0.0.8"]"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("more than one IPv4 address"), "{err}");
         let err = parse_ip_addrs("10.0.0.7").unwrap_err().to_string();
         assert!(err.contains("ipAddrs=\"10.0.0.7\""), "{err}");
-        assert!(parse_ip_addrs(r#"["banana"]"#).unwrap_err().to_string().contains("\"banana\" is not an IP address"));
+        assert!(
+            parse_ip_addrs(r#"["banana"]"#)
+                .unwrap_err()
+                .to_string()
+                .contains("\"banana\" is not an IP address")
+        );
 
         let mut off = ippool("off", "10.9.0.0/16", 1);
         off.spec.disabled = true;
         let s = set(vec![ippool("a", "10.1.0.0/16", 1), off]);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(pool_for_fixed_ip(&s, ip("10.1.2.3"), AllowedUse::Workload).unwrap().name, "a");
         assert_eq!(
-            pool_for_fixed_ip(&s, ip("10.0.0.7"), AllowedUse::Workload).unwrap_err().to_string(),
+            pool_for_fixed_ip(&s, ip("10.1.2.3"), AllowedUse::Workload)
+                .unwrap()
+                .name,
+            "a"
+        );
+        assert_eq!(
+            pool_for_fixed_ip(&s, ip("10.0.0.7"), AllowedUse::Workload)
+                .unwrap_err()
+                .to_string(),
             "cannot assign fixed address 10.0.0.7: it is outside every IP pool"
         );
         assert_eq!(
-            pool_for_fixed_ip(&s, ip("10.9.0.7"), AllowedUse::Workload).unwrap_err().to_string(),
+            pool_for_fixed_ip(&s, ip("10.9.0.7"), AllowedUse::Workload)
+                .unwrap_err()
+                .to_string(),
             "cannot assign fixed address 10.9.0.7: its pool \"off\" (10.9.0.0/16) is disabled"
         );
     }

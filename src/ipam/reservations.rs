@@ -16,7 +16,9 @@ impl Reservations {
     pub const EMPTY: Reservations = Reservations { cidrs: Vec::new() };
 
     pub fn new(cidrs: impl IntoIterator<Item = IpNet>) -> Reservations {
-        Reservations { cidrs: cidrs.into_iter().map(|c| c.trunc()).collect() }
+        Reservations {
+            cidrs: cidrs.into_iter().map(|c| c.trunc()).collect(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -66,7 +68,10 @@ impl Reservations {
 }
 
 fn same_family(a: &IpNet, b: &IpNet) -> bool {
-    matches!((a, b), (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)))
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
 }
 
 #[cfg(test)]

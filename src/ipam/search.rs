@@ -85,7 +85,11 @@ pub enum Step {
     Claim { pool: String, cidr: IpNet },
     /// An empty block another node (or nobody) holds: take it over if it is still empty and
     /// still at `sequence_number`.
-    Reclaim { cidr: IpNet, from: Option<String>, sequence_number: u64 },
+    Reclaim {
+        cidr: IpNet,
+        from: Option<String>,
+        sequence_number: u64,
+    },
     /// Another node's block with a free address.
     Borrow(IpNet),
 }
@@ -152,7 +156,9 @@ impl Search<'_> {
                 pools: self.pool_names(),
             });
         }
-        Err(IpamError::Exhausted { pools: self.usage() })
+        Err(IpamError::Exhausted {
+            pools: self.usage(),
+        })
     }
 
     fn owned_blocks(&self) -> usize {
@@ -173,10 +179,15 @@ impl Search<'_> {
             // A free CIDR is found within existing+skip+reserved steps, so this terminates
             // quickly even for huge pools.
             let found = walk.into_iter().find(|c| {
-                !self.blocks.contains_key(c) && !self.skip.contains(c) && !self.reservations.covers(c)
+                !self.blocks.contains_key(c)
+                    && !self.skip.contains(c)
+                    && !self.reservations.covers(c)
             });
             if let Some(cidr) = found {
-                return Some(Step::Claim { pool: p.name.clone(), cidr });
+                return Some(Step::Claim {
+                    pool: p.name.clone(),
+                    cidr,
+                });
             }
         }
         None
@@ -191,7 +202,8 @@ impl Search<'_> {
         let idle = |b: &BlockInfo| {
             b.in_use == 0
                 && (b.cooling == 0
-                    || b.last_release.is_some_and(|t| t + self.limits.cooldown <= self.now))
+                    || b.last_release
+                        .is_some_and(|t| t + self.limits.cooldown <= self.now))
         };
         self.in_pools()
             .map(|(_, b)| b)
@@ -231,8 +243,11 @@ impl Search<'_> {
         self.pools
             .iter()
             .map(|p| {
-                let blocks: Vec<&BlockInfo> =
-                    self.in_pools().filter(|(q, _)| q.name == p.name).map(|(_, b)| b).collect();
+                let blocks: Vec<&BlockInfo> = self
+                    .in_pools()
+                    .filter(|(q, _)| q.name == p.name)
+                    .map(|(_, b)| b)
+                    .collect();
                 PoolUsage {
                     name: p.name.clone(),
                     cidr: p.cidr,
@@ -277,9 +292,9 @@ impl std::fmt::Display for PoolUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::AllowedUse;
     use crate::ipam::block::{DEFAULT_COOLDOWN, Owner, host_affinity};
     use crate::selector::Selector;
-    use crate::api::AllowedUse;
 
     static NO_RESERVATIONS: Reservations = Reservations::EMPTY;
 
@@ -305,8 +320,17 @@ mod tests {
     /// A block of `cidr` affine to `node` with `used` addresses held, claimed at t(claimed).
     fn block(cidr: &str, node: Option<&str>, used: usize, claimed: i64) -> BlockInfo {
         let mut b = Block::new(net(cidr), node.map(host_affinity), Some(t(claimed)), 1).unwrap();
-        let owner = Owner { handle_id: "h".into(), attrs: BTreeMap::new() };
-        b.auto_assign(used, &owner, &Reservations::EMPTY, t(claimed), DEFAULT_COOLDOWN);
+        let owner = Owner {
+            handle_id: "h".into(),
+            attrs: BTreeMap::new(),
+        };
+        b.auto_assign(
+            used,
+            &owner,
+            &Reservations::EMPTY,
+            t(claimed),
+            DEFAULT_COOLDOWN,
+        );
         BlockInfo::of(&b, &Reservations::EMPTY)
     }
     fn cache(blocks: Vec<BlockInfo>) -> BTreeMap<IpNet, BlockInfo> {
@@ -373,8 +397,19 @@ mod tests {
             block("10.0.0.0/26", Some("n1"), 64, 0),
             block("10.0.0.64/26", Some("n2"), 0, 990),
         ]);
-        let s = search("n1", vec![&p], &young, Limits { strict_affinity: true, ..Limits::default() });
-        assert!(matches!(s.next_step(), Err(IpamError::StrictAffinity { .. })));
+        let s = search(
+            "n1",
+            vec![&p],
+            &young,
+            Limits {
+                strict_affinity: true,
+                ..Limits::default()
+            },
+        );
+        assert!(matches!(
+            s.next_step(),
+            Err(IpamError::StrictAffinity { .. })
+        ));
         let old = cache(vec![
             block("10.0.0.0/26", Some("n1"), 64, 0),
             block("10.0.0.64/26", Some("n2"), 0, 100),
@@ -382,22 +417,47 @@ mod tests {
         let s = search("n1", vec![&p], &old, Limits::default());
         assert_eq!(
             s.next_step().unwrap(),
-            Step::Reclaim { cidr: net("10.0.0.64/26"), from: Some("n2".into()), sequence_number: 1 }
+            Step::Reclaim {
+                cidr: net("10.0.0.64/26"),
+                from: Some("n2".into()),
+                sequence_number: 1
+            }
         );
     }
 
     #[test]
     fn block_whose_releases_have_cooled_down_counts_as_empty_for_reclaim() {
         let p = pool("p", "10.0.0.0/25", 26);
-        let mut other = Block::new(net("10.0.0.64/26"), Some(host_affinity("n2")), Some(t(0)), 1).unwrap();
-        let owner = Owner { handle_id: "h".into(), attrs: BTreeMap::new() };
+        let mut other = Block::new(
+            net("10.0.0.64/26"),
+            Some(host_affinity("n2")),
+            Some(t(0)),
+            1,
+        )
+        .unwrap();
+        let owner = Owner {
+            handle_id: "h".into(),
+            attrs: BTreeMap::new(),
+        };
         other.auto_assign(1, &owner, &Reservations::EMPTY, t(0), DEFAULT_COOLDOWN);
         other.release_by_handle("h", t(980), DEFAULT_COOLDOWN);
-        let blocks = cache(vec![block("10.0.0.0/26", Some("n1"), 64, 0), BlockInfo::of(&other, &Reservations::EMPTY)]);
+        let blocks = cache(vec![
+            block("10.0.0.0/26", Some("n1"), 64, 0),
+            BlockInfo::of(&other, &Reservations::EMPTY),
+        ]);
         let s = search("n1", vec![&p], &blocks, Limits::default());
-        assert!(matches!(s.next_step().unwrap(), Step::Borrow(_)), "released 20 s ago: still cooling");
-        let s = Search { now: t(1011), ..search("n1", vec![&p], &blocks, Limits::default()) };
-        assert!(matches!(s.next_step().unwrap(), Step::Reclaim { .. }), "cooldown over");
+        assert!(
+            matches!(s.next_step().unwrap(), Step::Borrow(_)),
+            "released 20 s ago: still cooling"
+        );
+        let s = Search {
+            now: t(1011),
+            ..search("n1", vec![&p], &blocks, Limits::default())
+        };
+        assert!(
+            matches!(s.next_step().unwrap(), Step::Reclaim { .. }),
+            "cooldown over"
+        );
     }
 
     #[test]
@@ -409,7 +469,15 @@ mod tests {
         ]);
         let s = search("n1", vec![&p], &blocks, Limits::default());
         assert_eq!(s.next_step().unwrap(), Step::Borrow(net("10.0.0.64/26")));
-        let s = search("n1", vec![&p], &blocks, Limits { strict_affinity: true, ..Limits::default() });
+        let s = search(
+            "n1",
+            vec![&p],
+            &blocks,
+            Limits {
+                strict_affinity: true,
+                ..Limits::default()
+            },
+        );
         assert_eq!(
             s.next_step().unwrap_err().to_string(),
             "node \"n1\" has no free address in its own blocks and no block left to claim in \
@@ -425,8 +493,19 @@ mod tests {
             block("10.0.0.64/26", Some("n1"), 64, 0),
         ]);
         let s = search("n1", vec![&p], &blocks, Limits::default());
-        assert!(matches!(s.next_step().unwrap(), Step::Claim { .. }), "0 means no cap");
-        let s = search("n1", vec![&p], &blocks, Limits { max_blocks_per_host: 2, ..Limits::default() });
+        assert!(
+            matches!(s.next_step().unwrap(), Step::Claim { .. }),
+            "0 means no cap"
+        );
+        let s = search(
+            "n1",
+            vec![&p],
+            &blocks,
+            Limits {
+                max_blocks_per_host: 2,
+                ..Limits::default()
+            },
+        );
         assert_eq!(
             s.next_step().unwrap_err().to_string(),
             "node \"n1\" holds 2 blocks, the maxBlocksPerHost limit (2), and none has a free address"
@@ -438,7 +517,14 @@ mod tests {
         let p = pool("external-pool", "172.16.0.0/26", 29);
         let blocks = cache(
             (0..8)
-                .map(|i| block(&format!("172.16.0.{}/29", i * 8), Some(&format!("n{}", i % 3)), 8, 0))
+                .map(|i| {
+                    block(
+                        &format!("172.16.0.{}/29", i * 8),
+                        Some(&format!("n{}", i % 3)),
+                        8,
+                        0,
+                    )
+                })
                 .collect(),
         );
         let s = search("n1", vec![&p], &blocks, Limits::default());
@@ -453,7 +539,10 @@ mod tests {
         let p = pool("p", "10.0.0.0/25", 26);
         let blocks = cache(vec![block("10.0.0.0/26", Some("n1"), 64, 0)]);
         let r = Reservations::new([net("10.0.0.64/26")]);
-        let s = Search { reservations: &r, ..search("n1", vec![&p], &blocks, Limits::default()) };
+        let s = Search {
+            reservations: &r,
+            ..search("n1", vec![&p], &blocks, Limits::default())
+        };
         let err = s.next_step().unwrap_err().to_string();
         assert_eq!(
             err,
@@ -466,7 +555,9 @@ mod tests {
         let p = pool("v6", "fd00::/48", 122);
         let blocks = BTreeMap::new();
         let s = search("n1", vec![&p], &blocks, Limits::default());
-        assert!(matches!(s.next_step().unwrap(), Step::Claim { cidr, .. } if p.cidr.contains(&cidr)));
+        assert!(
+            matches!(s.next_step().unwrap(), Step::Claim { cidr, .. } if p.cidr.contains(&cidr))
+        );
     }
 
     #[test]
@@ -477,7 +568,10 @@ mod tests {
         let s = search("n1", vec![&a], &blocks, Limits::default());
         assert_eq!(
             s.next_step().unwrap(),
-            Step::Claim { pool: "a".into(), cidr: net("10.0.0.0/26") }
+            Step::Claim {
+                pool: "a".into(),
+                cidr: net("10.0.0.0/26")
+            }
         );
         let s = search("n1", vec![&b], &blocks, Limits::default());
         assert_eq!(s.next_step().unwrap(), Step::Affine(net("10.1.0.0/26")));

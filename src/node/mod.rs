@@ -2,6 +2,7 @@
 //! each step lives in the module that owns it.
 //! Order: signals → metrics and health servers (not ready) → API client → watches → ready.
 
+pub mod identity;
 mod signals;
 
 use std::process::ExitCode;

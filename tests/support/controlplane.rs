@@ -12,15 +12,12 @@ use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ObjectMeta, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, Config};
-use rand::Rng;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use kube::{Api, Client};
+use rcgen::{CertifiedIssuer, ExtendedKeyUsagePurpose, KeyPair};
 
+use super::binaries::bin_dir;
+use super::credentials::{client_from, leaf, new_ca, random_token, write_kubeconfig};
 use super::process::{Guarded, pid_alive};
 
 const DIR_PREFIX: &str = "tortie-cp-";
@@ -154,7 +151,10 @@ impl ControlPlane {
             ))
             .arg("--unsafe-no-fsync")
             .arg("--log-level=warn");
-        let etcd = Guarded::spawn("etcd", logged(etcd_cmd, &d.join("etcd.log"))?)?;
+        let mut etcd = Guarded::spawn("etcd", logged(etcd_cmd, &d.join("etcd.log"))?)?;
+        // kube-apiserver would retry, but its log would fill with dial errors that bury the
+        // real cause when something fails; etcd listens within ~100 ms.
+        wait_listening(&mut etcd, etcd_port, &d.join("etcd.log")).await?;
 
         let p = |f: &str| d.join(f).display().to_string();
         let mut api_cmd = Command::new(bin.join("kube-apiserver"));
@@ -416,57 +416,6 @@ impl Drop for ControlPlane {
     }
 }
 
-/// The folder with etcd and kube-apiserver: `TORTIE_CONTROLPLANE_BIN`, else what
-/// scripts/controlplane/build.sh prints (it builds once per machine and caches).
-pub fn bin_dir() -> anyhow::Result<&'static Path> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let found = BIN.get_or_init(|| locate_bins().map_err(|e| format!("{e:#}")));
-    match found {
-        Ok(p) => Ok(p.as_path()),
-        Err(e) => bail!("{e}"),
-    }
-}
-
-fn locate_bins() -> anyhow::Result<PathBuf> {
-    let dir = match std::env::var_os("TORTIE_CONTROLPLANE_BIN") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/controlplane/build.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()
-                .with_context(|| format!("run {}", script.display()))?;
-            if !out.status.success() {
-                bail!("{} failed: {}", script.display(), out.status);
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let last = stdout.lines().rev().find(|l| !l.trim().is_empty());
-            PathBuf::from(
-                last.with_context(|| format!("{} printed no folder", script.display()))?
-                    .trim(),
-            )
-        }
-    };
-    for bin in ["etcd", "kube-apiserver"] {
-        if !dir.join(bin).is_file() {
-            bail!("{} has no {bin}", dir.display());
-        }
-    }
-    Ok(dir)
-}
-
-/// cnitool from the same build as etcd and kube-apiserver.
-pub fn cnitool() -> anyhow::Result<PathBuf> {
-    let path = bin_dir()?.join("cnitool");
-    if !path.is_file() {
-        bail!("{} does not exist", path.display());
-    }
-    Ok(path)
-}
-
 /// Removes temp dirs of test processes that died without running Drop (SIGKILL, abort).
 /// Their etcd/kube-apiserver already died with them (PR_SET_PDEATHSIG).
 pub fn reap_stale_dirs() -> anyhow::Result<Vec<PathBuf>> {
@@ -492,6 +441,29 @@ pub fn reap_stale_dirs() -> anyhow::Result<Vec<PathBuf>> {
     Ok(reaped)
 }
 
+/// Waits until `port` on loopback accepts connections, failing early if `proc` exits.
+async fn wait_listening(proc: &mut Guarded, port: u16, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Err(e) = proc.check_running() {
+            bail!("{e:#}\n--- {} (tail) ---\n{}", log.display(), tail(log));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "nothing listens on 127.0.0.1:{port} after 20 s\n{}",
+                tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Three distinct free loopback ports (held together while choosing so they differ).
 fn free_ports() -> anyhow::Result<[u16; 3]> {
     let listeners = (0..3)
@@ -505,51 +477,6 @@ fn free_ports() -> anyhow::Result<[u16; 3]> {
     Ok(ports)
 }
 
-fn new_ca() -> anyhow::Result<CertifiedIssuer<'static, KeyPair>> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "tortie-test-ca");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
-}
-
-/// A certificate signed by `ca` as (cert PEM, key PEM). Kubernetes reads the user from CN
-/// and the groups from O.
-fn leaf(
-    ca: &CertifiedIssuer<'static, KeyPair>,
-    sans: &[&str],
-    cn: &str,
-    orgs: &[&str],
-    usage: ExtendedKeyUsagePurpose,
-) -> anyhow::Result<(String, String)> {
-    let mut params =
-        CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
-    params.distinguished_name.push(DnType::CommonName, cn);
-    for org in orgs {
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, *org);
-    }
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![usage];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, ca)?;
-    Ok((cert.pem(), key.serialize_pem()))
-}
-
-fn random_token() -> String {
-    format!("{:032x}", rand::rng().random::<u128>())
-}
-
 fn write(dir: &Path, name: &str, content: &str) -> anyhow::Result<()> {
     let path = dir.join(name);
     std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))
@@ -561,35 +488,6 @@ fn logged(mut cmd: Command, log: &Path) -> anyhow::Result<Command> {
     let err = file.try_clone().context("dup log fd")?;
     cmd.stdin(Stdio::null()).stdout(file).stderr(err);
     Ok(cmd)
-}
-
-fn write_kubeconfig(
-    path: &Path,
-    url: &str,
-    ca_pem: &str,
-    user: &str,
-    auth: serde_json::Value,
-) -> anyhow::Result<()> {
-    let ca_b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca_pem);
-    let kc = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "tortie-test", "cluster": { "server": url, "certificate-authority-data": ca_b64 } }],
-        "users": [{ "name": user, "user": auth }],
-        "contexts": [{ "name": "tortie-test", "context": { "cluster": "tortie-test", "user": user } }],
-        "current-context": "tortie-test",
-    });
-    let yaml = serde_yaml::to_string(&kc).context("serialise kubeconfig")?;
-    std::fs::write(path, yaml).with_context(|| format!("write {}", path.display()))
-}
-
-async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("read {}", kubeconfig.display()))?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .with_context(|| format!("load {}", kubeconfig.display()))?;
-    Client::try_from(config).context("build kube client")
 }
 
 /// Every CustomResourceDefinition in the *.yaml / *.yml files of `dir` (multi-document files
@@ -625,11 +523,15 @@ pub fn read_crds(dir: &Path) -> anyhow::Result<Vec<CustomResourceDefinition>> {
     Ok(crds)
 }
 
-/// The last 40 lines of a log file.
+/// The last 40 lines of a log file, without kube-apiserver's gRPC dial chatter (its storage
+/// clients cancel dials routinely, and those lines would bury the real cause).
 fn tail(path: &Path) -> String {
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("addrConn.createTransport failed"))
+                .collect();
             lines[lines.len().saturating_sub(40)..].join("\n")
         }
         Err(e) => format!("(cannot read {}: {e})", path.display()),

@@ -3,7 +3,9 @@
 // Each tests/*.rs uses a subset, hence the dead_code allowance.
 #![allow(dead_code, unused_imports)]
 
+pub mod binaries;
 pub mod controlplane;
+pub mod credentials;
 pub mod netns;
 pub mod process;
 

@@ -37,7 +37,8 @@ pub enum Claim {
 impl Claimer<'_> {
     pub async fn claim(&self, cidr: IpNet, now: DateTime<Utc>) -> Result<Claim, IpamError> {
         let aff_name = affinity_name(self.node, &cidr);
-        self.write_affinity(&aff_name, cidr, AffinityState::Pending).await?;
+        self.write_affinity(&aff_name, cidr, AffinityState::Pending)
+            .await?;
 
         let name = block_name(&cidr);
         // The claim time in ns seeds the sequence number, so a recreated block never reuses
@@ -48,8 +49,13 @@ impl Claimer<'_> {
         let created = match self.blocks.create(&PostParams::default(), &obj).await {
             Ok(o) => o,
             Err(e) if is_already_exists(&e) => {
-                let existing = self.blocks.get(&name).await.map_err(|e| api_err(&name, "read", e))?;
-                let mine = existing.spec.host_affinity() == Some(self.node) && !existing.spec.deleted;
+                let existing = self
+                    .blocks
+                    .get(&name)
+                    .await
+                    .map_err(|e| api_err(&name, "read", e))?;
+                let mine =
+                    existing.spec.host_affinity() == Some(self.node) && !existing.spec.deleted;
                 if !mine {
                     tracing::debug!(block = %cidr, "another node claimed the block first");
                     self.drop_affinity(&aff_name).await;
@@ -61,9 +67,31 @@ impl Claimer<'_> {
             Err(e) => return Err(api_err(&name, "create", e)),
         };
         remember(self.view, created);
-        self.write_affinity(&aff_name, cidr, AffinityState::Confirmed).await?;
+        self.write_affinity(&aff_name, cidr, AffinityState::Confirmed)
+            .await?;
         tracing::info!(block = %cidr, node = self.node, "claimed IPAM block");
         Ok(Claim::Ours)
+    }
+
+    /// After a restart: confirms the affinity of every block that is ours, finishing claims a
+    /// crash interrupted between the block create and the confirm. Failures are logged; the
+    /// block's own `affinity` already makes it ours, the affinity object is for Calico's tools.
+    pub async fn confirm_own_blocks(&self) {
+        let ours: Vec<IpNet> = view::read(self.view)
+            .blocks
+            .values()
+            .filter(|b| b.block.is_affine_to(self.node))
+            .map(|b| b.block.cidr)
+            .collect();
+        for cidr in ours {
+            let name = affinity_name(self.node, &cidr);
+            if let Err(e) = self
+                .write_affinity(&name, cidr, AffinityState::Confirmed)
+                .await
+            {
+                tracing::warn!(block = %cidr, error = %e, "could not confirm block affinity");
+            }
+        }
     }
 
     /// Takes over an empty block another node (or nobody) holds: delete it only if it is still
@@ -77,7 +105,11 @@ impl Claimer<'_> {
         now: DateTime<Utc>,
     ) -> Result<Claim, IpamError> {
         let name = block_name(&cidr);
-        let Some(current) = self.blocks.get_opt(&name).await.map_err(|e| api_err(&name, "read", e))?
+        let Some(current) = self
+            .blocks
+            .get_opt(&name)
+            .await
+            .map_err(|e| api_err(&name, "read", e))?
         else {
             return self.claim(cidr, now).await;
         };
@@ -108,9 +140,19 @@ impl Claimer<'_> {
     }
 
     /// Creates or moves our affinity to `state` with compare-and-swap.
-    async fn write_affinity(&self, name: &str, cidr: IpNet, state: AffinityState) -> Result<(), IpamError> {
+    async fn write_affinity(
+        &self,
+        name: &str,
+        cidr: IpNet,
+        state: AffinityState,
+    ) -> Result<(), IpamError> {
         for _ in 0..MAX_CAS_RETRIES {
-            match self.affinities.get_opt(name).await.map_err(|e| api_err(name, "read", e))? {
+            match self
+                .affinities
+                .get_opt(name)
+                .await
+                .map_err(|e| api_err(name, "read", e))?
+            {
                 None => {
                     let mut spec = BlockAffinitySpec {
                         state,
@@ -120,7 +162,11 @@ impl Claimer<'_> {
                         deleted: String::new(),
                     };
                     spec.set_deleted(false);
-                    match self.affinities.create(&PostParams::default(), &BlockAffinity::new(name, spec)).await {
+                    match self
+                        .affinities
+                        .create(&PostParams::default(), &BlockAffinity::new(name, spec))
+                        .await
+                    {
                         Ok(_) => return Ok(()),
                         Err(e) if is_already_exists(&e) => continue,
                         Err(e) => return Err(api_err(name, "create", e)),
@@ -136,7 +182,11 @@ impl Claimer<'_> {
                     }
                     a.spec.state = state;
                     a.spec.set_deleted(false);
-                    match self.affinities.replace(name, &PostParams::default(), &a).await {
+                    match self
+                        .affinities
+                        .replace(name, &PostParams::default(), &a)
+                        .await
+                    {
                         Ok(_) => return Ok(()),
                         Err(e) if is_conflict(&e) => continue,
                         Err(e) => return Err(api_err(name, "update", e)),
@@ -144,7 +194,9 @@ impl Claimer<'_> {
                 }
             }
         }
-        Err(IpamError::TooManyConflicts { object: format!("BlockAffinity {name}") })
+        Err(IpamError::TooManyConflicts {
+            object: format!("BlockAffinity {name}"),
+        })
     }
 
     /// Best effort: a stray affinity is harmless garbage (readers go by the block's own
@@ -162,6 +214,9 @@ impl Claimer<'_> {
 fn remember(view: &std::sync::RwLock<View>, obj: IPAMBlock) {
     let rv = obj.meta().resource_version.clone().unwrap_or_default();
     if let Ok(block) = block_from_spec(&obj.spec) {
-        view::write(view).put_block(CachedBlock { block, resource_version: rv });
+        view::write(view).put_block(CachedBlock {
+            block,
+            resource_version: rv,
+        });
     }
 }

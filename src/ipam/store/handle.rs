@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 
 use super::writer::api_err;
 use super::{MAX_CAS_RETRIES, is_already_exists, is_conflict, is_not_found};
@@ -15,22 +15,38 @@ use crate::api::ipamhandle::{IPAMHandle, IPAMHandleSpec, handle_object_name};
 use crate::ipam::IpamError;
 
 /// Adds `counts` (block → addresses) to the handle, creating it when missing.
-pub async fn add(api: &Api<IPAMHandle>, handle: &str, counts: &BTreeMap<IpNet, usize>) -> Result<(), IpamError> {
+pub async fn add(
+    api: &Api<IPAMHandle>,
+    handle: &str,
+    counts: &BTreeMap<IpNet, usize>,
+) -> Result<(), IpamError> {
     let name = handle_object_name(handle);
-    for _ in 0..MAX_CAS_RETRIES {
-        match api.get_opt(&name).await.map_err(|e| api_err(&name, "read", e))? {
-            None => {
-                let spec = IPAMHandleSpec {
-                    handle_id: handle.to_string(),
-                    block: counts.iter().map(|(c, n)| (c.to_string(), *n as i64)).collect(),
-                    deleted: false,
-                };
-                match api.create(&PostParams::default(), &IPAMHandle::new(&name, spec)).await {
-                    Ok(_) => return Ok(()),
-                    Err(e) if is_already_exists(&e) => continue,
-                    Err(e) => return Err(api_err(&name, "create", e)),
-                }
-            }
+    let fresh = IPAMHandle::new(
+        &name,
+        IPAMHandleSpec {
+            handle_id: handle.to_string(),
+            block: counts
+                .iter()
+                .map(|(c, n)| (c.to_string(), *n as i64))
+                .collect(),
+            deleted: false,
+        },
+    );
+    for attempt in 0..MAX_CAS_RETRIES {
+        // Almost every handle is new (one per container), so the first try is a blind create.
+        let existing = if attempt == 0 {
+            None
+        } else {
+            api.get_opt(&name)
+                .await
+                .map_err(|e| api_err(&name, "read", e))?
+        };
+        match existing {
+            None => match api.create(&PostParams::default(), &fresh).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_already_exists(&e) => continue,
+                Err(e) => return Err(api_err(&name, "create", e)),
+            },
             Some(mut h) => {
                 if h.spec.deleted {
                     // A half-finished delete: its counts are void.
@@ -48,22 +64,34 @@ pub async fn add(api: &Api<IPAMHandle>, handle: &str, counts: &BTreeMap<IpNet, u
             }
         }
     }
-    Err(IpamError::TooManyConflicts { object: format!("IPAMHandle {name}") })
+    Err(IpamError::TooManyConflicts {
+        object: format!("IPAMHandle {name}"),
+    })
 }
 
 /// The blocks the handle object says it holds addresses in (empty when it does not exist).
 pub async fn blocks_of(api: &Api<IPAMHandle>, handle: &str) -> Result<Vec<IpNet>, IpamError> {
     let name = handle_object_name(handle);
-    let h = api.get_opt(&name).await.map_err(|e| api_err(&name, "read", e))?;
-    Ok(h.map(|h| h.spec.block.keys().filter_map(|k| k.parse().ok()).collect()).unwrap_or_default())
+    let h = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| api_err(&name, "read", e))?;
+    Ok(
+        h.map(|h| h.spec.block.keys().filter_map(|k| k.parse().ok()).collect())
+            .unwrap_or_default(),
+    )
 }
 
-/// Deletes the handle object once all its addresses are released; compare-and-delete on the
-/// version read so a concurrent allocation under the same handle is not lost.
+/// Deletes the handle object once all its addresses are released. The delete carries the
+/// resourceVersion and UID just read, so it removes exactly that object (a conflict re-reads).
 pub async fn delete(api: &Api<IPAMHandle>, handle: &str) -> Result<(), IpamError> {
     let name = handle_object_name(handle);
     for _ in 0..MAX_CAS_RETRIES {
-        let Some(h) = api.get_opt(&name).await.map_err(|e| api_err(&name, "read", e))? else {
+        let Some(h) = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| api_err(&name, "read", e))?
+        else {
             return Ok(());
         };
         let dp = DeleteParams::default().preconditions(Preconditions {
@@ -77,5 +105,7 @@ pub async fn delete(api: &Api<IPAMHandle>, handle: &str) -> Result<(), IpamError
             Err(e) => return Err(api_err(&name, "delete", e)),
         }
     }
-    Err(IpamError::TooManyConflicts { object: format!("IPAMHandle {name}") })
+    Err(IpamError::TooManyConflicts {
+        object: format!("IPAMHandle {name}"),
+    })
 }

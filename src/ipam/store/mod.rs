@@ -1,6 +1,20 @@
 //! The allocator against the API server: `Ipam` answers assign/release calls from the CNI
 //! server and the overlay using the watch-fed view, claims blocks with Calico's protocol and
 //! commits every block change with compare-and-swap through one writer per block.
+//!
+//! Crash safety. The IPAMBlock is the only record of who holds an address, and it changes only
+//! by a PUT carrying the resourceVersion that was read (409 → re-read, retry, at most
+//! `MAX_CAS_RETRIES`), or by a create that fails if the block exists. An address reaches a
+//! caller only after the PUT recording it succeeded. Write order per allocation: block first,
+//! then the IPAMHandle; per release: block first, then the handle is deleted. So a crash:
+//! - after the BlockAffinity `pending` create: a stray pending affinity, ignored by readers;
+//! - after the block create: the block is ours (its `affinity` says so), found on restart;
+//! - after the block PUT, before the handle write: an allocation with no handle object (the
+//!   caller got no answer, so no pod uses it): a leak for GC and `ipam check`, not a duplicate;
+//! - after a release PUT, before the handle delete: a handle object with no addresses.
+//!
+//! A PUT that fails for another reason (timeout) may still have landed: the callers get an
+//! error, the writer re-reads, and at worst the addresses leak under the callers' handles.
 
 mod claim;
 mod handle;
@@ -117,20 +131,27 @@ pub struct Ipam {
     affinities: Api<BlockAffinity>,
     handles: Api<IPAMHandle>,
     stats: Arc<WriteStats>,
+    claim_lock: tokio::sync::Mutex<()>,
 }
 
 impl Ipam {
     /// Starts the watches for `node` and waits until each has listed once.
-    pub async fn start(client: Client, node: &str, sync_timeout: Duration) -> Result<Ipam, IpamError> {
+    pub async fn start(
+        client: Client,
+        node: &str,
+        sync_timeout: Duration,
+    ) -> Result<Ipam, IpamError> {
         let view = ViewHandle::start(client.clone(), node);
         let mut synced = view.synced.clone();
         let waited = tokio::time::timeout(sync_timeout, synced.wait_for(|s| *s)).await;
         if !matches!(waited, Ok(Ok(_))) {
-            return Err(IpamError::NotSynced { after: sync_timeout });
+            return Err(IpamError::NotSynced {
+                after: sync_timeout,
+            });
         }
         let blocks = Api::<IPAMBlock>::all(client.clone());
         let stats = Arc::new(WriteStats::default());
-        Ok(Ipam {
+        let ipam = Ipam {
             node: node.to_string(),
             writers: Writers::new(blocks.clone(), view.view.clone(), stats.clone()),
             view,
@@ -138,7 +159,10 @@ impl Ipam {
             affinities: Api::all(client.clone()),
             handles: Api::all(client),
             stats,
-        })
+            claim_lock: tokio::sync::Mutex::new(()),
+        };
+        ipam.claimer().confirm_own_blocks().await;
+        Ok(ipam)
     }
 
     pub fn node(&self) -> &str {
@@ -168,7 +192,10 @@ impl Ipam {
     /// Allocates one address per requested family. Returns host prefixes (/32, /128). On any
     /// failure nothing stays allocated under the handle for this call.
     pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<IpNet>, IpamError> {
-        let owner = Owner { handle_id: req.handle.clone(), attrs: req.attrs.clone() };
+        let owner = Owner {
+            handle_id: req.handle.clone(),
+            attrs: req.attrs.clone(),
+        };
         let mut got: Vec<(IpNet, IpAddr)> = Vec::new();
         let families = [(req.v4, Family::V4), (req.v6, Family::V6)];
         for family in families.iter().filter(|(want, _)| *want).map(|(_, f)| *f) {
@@ -192,33 +219,19 @@ impl Ipam {
     ) -> Result<(IpNet, IpAddr), IpamError> {
         let mut skip: Vec<IpNet> = Vec::new();
         for _ in 0..MAX_CAS_RETRIES {
-            let step = self.with_view(|v| {
-                let cni_pools = match family {
-                    Family::V4 => &req.cni_v4_pools,
-                    Family::V6 => &req.cni_v6_pools,
-                };
-                let preq = PoolRequest {
-                    family,
-                    use_: req.use_,
-                    node: &self.node,
-                    node_labels: &v.node_labels,
-                    pod_annotations: req.pod_annotations.as_ref(),
-                    namespace_annotations: req.namespace_annotations.as_ref(),
-                    namespace_labels: req.namespace_labels.as_ref(),
-                    cni_pools,
-                };
-                let choice = choose_pools(&v.pools, &preq)?;
-                Search {
-                    node: &self.node,
-                    pools: choice.pools,
-                    blocks: &v.infos,
-                    reservations: &v.reservations,
-                    limits: v.limits,
-                    now: Utc::now(),
-                    skip: &skip,
+            let mut step = self.next_step(family, req, &skip)?;
+            // Claims are serialised per node: a burst of requests that all find the node's
+            // blocks full claims one block, not one each. Re-plan under the lock, since the
+            // request ahead may have just claimed a block with room.
+            let is_claim = |s: &Step| matches!(s, Step::Claim { .. } | Step::Reclaim { .. });
+            let mut _claiming = None;
+            if is_claim(&step) {
+                let guard = self.claim_lock.lock().await;
+                step = self.next_step(family, req, &skip)?;
+                if is_claim(&step) {
+                    _claiming = Some(guard);
                 }
-                .next_step()
-            })?;
+            }
             match step {
                 Step::Affine(cidr) | Step::Borrow(cidr) => {
                     let require = matches!(step, Step::Affine(_)).then(|| self.node.clone());
@@ -232,9 +245,11 @@ impl Ipam {
                             }
                             skip.push(cidr);
                         }
-                        Err(IpamError::BlockFull { .. } | IpamError::NotAffine { .. } | IpamError::BlockGone { .. }) => {
-                            skip.push(cidr)
-                        }
+                        Err(
+                            IpamError::BlockFull { .. }
+                            | IpamError::NotAffine { .. }
+                            | IpamError::BlockGone { .. },
+                        ) => skip.push(cidr),
                         Err(e) => return Err(e),
                     }
                 }
@@ -243,7 +258,11 @@ impl Ipam {
                         skip.push(cidr);
                     }
                 }
-                Step::Reclaim { cidr, from, sequence_number } => {
+                Step::Reclaim {
+                    cidr,
+                    from,
+                    sequence_number,
+                } => {
                     let claimed = self
                         .claimer()
                         .reclaim(cidr, from.as_deref(), sequence_number, Utc::now())
@@ -254,7 +273,45 @@ impl Ipam {
                 }
             }
         }
-        Err(IpamError::TooManyConflicts { object: format!("{family} allocation for handle {:?}", req.handle) })
+        Err(IpamError::TooManyConflicts {
+            object: format!("{family} allocation for handle {:?}", req.handle),
+        })
+    }
+
+    /// Plans the next step for one family from the current view (no I/O).
+    fn next_step(
+        &self,
+        family: Family,
+        req: &AssignRequest,
+        skip: &[IpNet],
+    ) -> Result<Step, IpamError> {
+        self.with_view(|v| {
+            let cni_pools = match family {
+                Family::V4 => &req.cni_v4_pools,
+                Family::V6 => &req.cni_v6_pools,
+            };
+            let preq = PoolRequest {
+                family,
+                use_: req.use_,
+                node: &self.node,
+                node_labels: &v.node_labels,
+                pod_annotations: req.pod_annotations.as_ref(),
+                namespace_annotations: req.namespace_annotations.as_ref(),
+                namespace_labels: req.namespace_labels.as_ref(),
+                cni_pools,
+            };
+            let choice = choose_pools(&v.pools, &preq)?;
+            Search {
+                node: &self.node,
+                pools: choice.pools,
+                blocks: &v.infos,
+                reservations: &v.reservations,
+                limits: v.limits,
+                now: Utc::now(),
+                skip,
+            }
+            .next_step()
+        })
     }
 
     /// Assigns exactly `addr` (the `ipAddrs` annotation), claiming its block if nobody has.
@@ -265,7 +322,10 @@ impl Ipam {
         attrs: BTreeMap<String, String>,
         use_: AllowedUse,
     ) -> Result<IpNet, IpamError> {
-        let owner = Owner { handle_id: handle.to_string(), attrs };
+        let owner = Owner {
+            handle_id: handle.to_string(),
+            attrs,
+        };
         for _ in 0..MAX_CAS_RETRIES {
             let (cidr, holder, strict) = self.with_view(|v| {
                 let pool = pool_for_fixed_ip(&v.pools, addr, use_)?;
@@ -278,7 +338,9 @@ impl Ipam {
                     self.claimer().claim(cidr, Utc::now()).await?;
                     continue;
                 }
-                Some((host, affine)) if strict && affine && host.as_deref() != Some(self.node.as_str()) => {
+                Some((host, affine))
+                    if strict && affine && host.as_deref() != Some(self.node.as_str()) =>
+                {
                     return Err(IpamError::FixedIpUnusable {
                         addr,
                         reason: format!(
@@ -298,14 +360,24 @@ impl Ipam {
                 Err(e) => return Err(e),
             }
         }
-        Err(IpamError::TooManyConflicts { object: format!("assignment of {addr}") })
+        Err(IpamError::TooManyConflicts {
+            object: format!("assignment of {addr}"),
+        })
     }
 
     /// The node's tunnel address for `kind`, allocated from a Tunnel-allowed pool on first
     /// call and returned unchanged afterwards.
-    pub async fn assign_tunnel_addr(&self, kind: TunnelKind, family: Family) -> Result<IpNet, IpamError> {
+    pub async fn assign_tunnel_addr(
+        &self,
+        kind: TunnelKind,
+        family: Family,
+    ) -> Result<IpNet, IpamError> {
         let handle = kind.handle(&self.node);
-        if let Some(a) = self.addresses_of(&handle).into_iter().find(|a| Family::of_addr(a) == family) {
+        if let Some(a) = self
+            .addresses_of(&handle)
+            .into_iter()
+            .find(|a| Family::of_addr(a) == family)
+        {
             return Ok(IpNet::from(a));
         }
         let attrs = BTreeMap::from([
@@ -319,7 +391,9 @@ impl Ipam {
             ..AssignRequest::workload(handle, attrs)
         };
         let got = self.auto_assign(&req).await?;
-        got.into_iter().next().ok_or(IpamError::TooManyConflicts { object: req.handle })
+        got.into_iter()
+            .next()
+            .ok_or(IpamError::TooManyConflicts { object: req.handle })
     }
 
     pub async fn release_tunnel_addr(&self, kind: TunnelKind) -> Result<Vec<IpAddr>, IpamError> {
@@ -329,18 +403,23 @@ impl Ipam {
     /// Addresses the view says `handle` holds.
     pub fn addresses_of(&self, handle: &str) -> Vec<IpAddr> {
         self.with_view(|v| {
-            let Some(cidrs) = v.handles.get(handle) else { return Vec::new() };
+            let Some(cidrs) = v.handles.get(handle) else {
+                return Vec::new();
+            };
             cidrs
                 .iter()
                 .filter_map(|c| v.blocks.get(c))
                 .flat_map(|b| {
                     let blk = &b.block;
-                    blk.allocations.iter().enumerate().filter_map(move |(ord, a)| {
-                        let attr = blk.attributes.get((*a)?)?;
-                        (attr.handle_id.as_deref() == Some(handle))
-                            .then(|| super::cidr::addr_at(&blk.cidr, ord))
-                            .flatten()
-                    })
+                    blk.allocations
+                        .iter()
+                        .enumerate()
+                        .filter_map(move |(ord, a)| {
+                            let attr = blk.attributes.get((*a)?)?;
+                            (attr.handle_id.as_deref() == Some(handle))
+                                .then(|| super::cidr::addr_at(&blk.cidr, ord))
+                                .flatten()
+                        })
                 })
                 .collect()
         })

@@ -78,7 +78,8 @@ impl View {
         for h in cached.block.handle_counts().into_keys() {
             self.handles.entry(h).or_default().insert(cidr);
         }
-        self.infos.insert(cidr, BlockInfo::of(&cached.block, &self.reservations));
+        self.infos
+            .insert(cidr, BlockInfo::of(&cached.block, &self.reservations));
         self.blocks.insert(cidr, cached);
     }
 
@@ -103,7 +104,8 @@ impl View {
 
     fn refresh_infos(&mut self) {
         for (cidr, b) in &self.blocks {
-            self.infos.insert(*cidr, BlockInfo::of(&b.block, &self.reservations));
+            self.infos
+                .insert(*cidr, BlockInfo::of(&b.block, &self.reservations));
         }
     }
 
@@ -125,9 +127,9 @@ impl View {
             max_blocks_per_host: spec.max_blocks_per_host.unwrap_or(0).max(0).unsigned_abs(),
             strict_affinity: spec.strict_affinity,
             auto_allocate_blocks: spec.auto_allocate_blocks,
-            cooldown: spec
-                .ip_cooldown_seconds
-                .map_or(DEFAULT_COOLDOWN, |s| TimeDelta::seconds(i64::from(s.max(0)))),
+            cooldown: spec.ip_cooldown_seconds.map_or(DEFAULT_COOLDOWN, |s| {
+                TimeDelta::seconds(i64::from(s.max(0)))
+            }),
             ..Limits::default()
         };
     }
@@ -168,7 +170,10 @@ impl ViewHandle {
     pub fn start(client: Client, node: &str) -> ViewHandle {
         let view = Arc::new(RwLock::new(View::new()));
         let (tx, synced) = watch::channel(false);
-        let ready = Arc::new(Ready { done: std::sync::Mutex::new(BTreeSet::new()), tx });
+        let ready = Arc::new(Ready {
+            done: std::sync::Mutex::new(BTreeSet::new()),
+            tx,
+        });
         let mut tasks = Vec::new();
 
         tasks.push(spawn_watch(
@@ -224,7 +229,10 @@ impl ViewHandle {
             watcher::Config::default(),
             (view.clone(), ready.clone()),
             |v, objs| {
-                v.reservation_objs = objs.into_iter().map(|r| (r.name_any(), r.spec.nets())).collect();
+                v.reservation_objs = objs
+                    .into_iter()
+                    .map(|r| (r.name_any(), r.spec.nets()))
+                    .collect();
                 v.set_reservations();
             },
             |v, r| {
@@ -245,32 +253,42 @@ impl ViewHandle {
             |v, n| v.node_labels = n.labels().clone(),
             |v, _| v.node_labels.clear(),
         ));
-        ViewHandle { view, synced, tasks }
+        ViewHandle {
+            view,
+            synced,
+            tasks,
+        }
     }
 }
 
 fn apply_block(v: &mut View, o: IPAMBlock) {
     let rv = o.resource_version().unwrap_or_default();
     match block_from_spec(&o.spec) {
-        Ok(block) => v.put_block(CachedBlock { block, resource_version: rv }),
+        Ok(block) => v.put_block(CachedBlock {
+            block,
+            resource_version: rv,
+        }),
         Err(e) => {
             tracing::error!(block = %o.name_any(), error = %e, "ignoring unreadable IPAM block");
             // Keep it out of the view so nothing is allocated from it, but remember that its
             // CIDR is taken so the search never tries to claim it.
             if let Ok(cidr) = o.spec.cidr_net() {
                 v.remove_block(&cidr);
-                v.infos.insert(cidr, BlockInfo {
+                v.infos.insert(
                     cidr,
-                    host: None,
-                    affine: true,
-                    claim_time: None,
-                    free: 0,
-                    in_use: 0,
-                    cooling: 0,
-                    last_release: None,
-                    empty: false,
-                    sequence_number: 0,
-                });
+                    BlockInfo {
+                        cidr,
+                        host: None,
+                        affine: true,
+                        claim_time: None,
+                        free: 0,
+                        in_use: 0,
+                        cooling: 0,
+                        last_release: None,
+                        empty: false,
+                        sequence_number: 0,
+                    },
+                );
             }
         }
     }
@@ -330,11 +348,22 @@ mod tests {
 
     fn cached(rv: &str, used: usize) -> CachedBlock {
         let now = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-        let mut block =
-            Block::new("10.0.0.0/29".parse().unwrap(), Some(host_affinity("n1")), Some(now), 1).unwrap();
-        let owner = Owner { handle_id: format!("h{used}"), attrs: BTreeMap::new() };
+        let mut block = Block::new(
+            "10.0.0.0/29".parse().unwrap(),
+            Some(host_affinity("n1")),
+            Some(now),
+            1,
+        )
+        .unwrap();
+        let owner = Owner {
+            handle_id: format!("h{used}"),
+            attrs: BTreeMap::new(),
+        };
         block.auto_assign(used, &owner, &Reservations::EMPTY, now, DEFAULT_COOLDOWN);
-        CachedBlock { block, resource_version: rv.to_string() }
+        CachedBlock {
+            block,
+            resource_version: rv.to_string(),
+        }
     }
 
     #[test]
@@ -347,7 +376,11 @@ mod tests {
         assert_eq!(v.handles.keys().collect::<Vec<_>>(), vec!["h3"]);
         v.put_block(cached("21", 2));
         assert_eq!(v.infos[&cidr].in_use, 2);
-        assert_eq!(v.handles.keys().collect::<Vec<_>>(), vec!["h2"], "handle index follows the block");
+        assert_eq!(
+            v.handles.keys().collect::<Vec<_>>(),
+            vec!["h2"],
+            "handle index follows the block"
+        );
         v.remove_block(&cidr);
         assert!(v.handles.is_empty() && v.infos.is_empty());
     }
@@ -358,7 +391,10 @@ mod tests {
         v.set_config(None);
         assert_eq!(v.limits.max_blocks_per_host, 0);
         assert_eq!(v.limits.cooldown, DEFAULT_COOLDOWN);
-        let spec = crate::api::ipamconfig::IPAMConfigSpec { ip_cooldown_seconds: Some(0), ..Default::default() };
+        let spec = crate::api::ipamconfig::IPAMConfigSpec {
+            ip_cooldown_seconds: Some(0),
+            ..Default::default()
+        };
         v.set_config(Some(&IPAMConfig::new("default", spec)));
         assert_eq!(v.limits.cooldown, TimeDelta::zero());
     }

@@ -64,7 +64,12 @@ pub struct Writers {
 
 impl Writers {
     pub fn new(api: Api<IPAMBlock>, view: Arc<RwLock<View>>, stats: Arc<WriteStats>) -> Writers {
-        Writers { api, view, stats, senders: Mutex::new(HashMap::new()) }
+        Writers {
+            api,
+            view,
+            stats,
+            senders: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Queues `op` on the block's writer, starting the writer on first use. Writers live as
@@ -96,20 +101,42 @@ impl Writers {
         require_host: Option<String>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(cidr, Op::Assign { n, owner, require_host, reply });
-        rx.await.map_err(|_| IpamError::WriterGone { block: cidr })?
+        self.submit(
+            cidr,
+            Op::Assign {
+                n,
+                owner,
+                require_host,
+                reply,
+            },
+        );
+        rx.await
+            .map_err(|_| IpamError::WriterGone { block: cidr })?
     }
 
-    pub async fn assign_addr(&self, cidr: IpNet, addr: IpAddr, owner: Owner) -> Result<(), IpamError> {
+    pub async fn assign_addr(
+        &self,
+        cidr: IpNet,
+        addr: IpAddr,
+        owner: Owner,
+    ) -> Result<(), IpamError> {
         let (reply, rx) = oneshot::channel();
         self.submit(cidr, Op::AssignAddr { addr, owner, reply });
-        rx.await.map_err(|_| IpamError::WriterGone { block: cidr })?
+        rx.await
+            .map_err(|_| IpamError::WriterGone { block: cidr })?
     }
 
     pub async fn release(&self, cidr: IpNet, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(cidr, Op::Release { handle: handle.to_string(), reply });
-        rx.await.map_err(|_| IpamError::WriterGone { block: cidr })?
+        self.submit(
+            cidr,
+            Op::Release {
+                handle: handle.to_string(),
+                reply,
+            },
+        );
+        rx.await
+            .map_err(|_| IpamError::WriterGone { block: cidr })?
     }
 }
 
@@ -151,7 +178,10 @@ impl Writer {
         let seen = view::read(&self.view).blocks.get(&self.cidr).cloned();
         match (&self.current, seen) {
             (Some(mine), Some(seen)) => {
-                let newer = match (seen.resource_version.parse::<u64>(), mine.resource_version.parse::<u64>()) {
+                let newer = match (
+                    seen.resource_version.parse::<u64>(),
+                    mine.resource_version.parse::<u64>(),
+                ) {
                     (Ok(s), Ok(m)) => s > m,
                     _ => false,
                 };
@@ -164,7 +194,11 @@ impl Writer {
 
     async fn fetch(&self) -> Result<Option<CachedBlock>, IpamError> {
         let name = block_name(&self.cidr);
-        let obj = self.api.get_opt(&name).await.map_err(|e| api_err(&name, "read", e))?;
+        let obj = self
+            .api
+            .get_opt(&name)
+            .await
+            .map_err(|e| api_err(&name, "read", e))?;
         obj.filter(|o| !o.spec.deleted).map(to_cached).transpose()
     }
 
@@ -207,8 +241,13 @@ impl Writer {
                     };
                     view::write(&self.view).put_block(saved.clone());
                     self.current = Some(saved);
-                    let done = outcomes.iter().filter(|o| !matches!(o, Outcome::Failed(_))).count();
-                    self.stats.ops_committed.fetch_add(done as u64, Ordering::Relaxed);
+                    let done = outcomes
+                        .iter()
+                        .filter(|o| !matches!(o, Outcome::Failed(_)))
+                        .count();
+                    self.stats
+                        .ops_committed
+                        .fetch_add(done as u64, Ordering::Relaxed);
                     tracing::debug!(block = %self.cidr, ops = batch.len(), "block written");
                     return outcomes;
                 }
@@ -235,13 +274,21 @@ impl Writer {
                 }
             }
         }
-        fail_all(batch, &IpamError::TooManyConflicts { object: format!("IPAMBlock {name}") })
+        fail_all(
+            batch,
+            &IpamError::TooManyConflicts {
+                object: format!("IPAMBlock {name}"),
+            },
+        )
     }
 }
 
 fn to_cached(o: IPAMBlock) -> Result<CachedBlock, IpamError> {
     let resource_version = o.resource_version().unwrap_or_default();
-    Ok(CachedBlock { block: block_from_spec(&o.spec)?, resource_version })
+    Ok(CachedBlock {
+        block: block_from_spec(&o.spec)?,
+        resource_version,
+    })
 }
 
 fn apply(
@@ -252,7 +299,12 @@ fn apply(
     cooldown: chrono::TimeDelta,
 ) -> Outcome {
     match op {
-        Op::Assign { n, owner, require_host, .. } => {
+        Op::Assign {
+            n,
+            owner,
+            require_host,
+            ..
+        } => {
             if let Some(node) = require_host
                 && !block.is_affine_to(node)
             {
@@ -268,11 +320,15 @@ fn apply(
                 Outcome::Addrs(got)
             }
         }
-        Op::AssignAddr { addr, owner, .. } => match block.assign_addr(*addr, owner, now, cooldown) {
-            Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Failed(e),
-        },
-        Op::Release { handle, .. } => Outcome::Addrs(block.release_by_handle(handle, now, cooldown)),
+        Op::AssignAddr { addr, owner, .. } => {
+            match block.assign_addr(*addr, owner, now, cooldown) {
+                Ok(()) => Outcome::Done,
+                Err(e) => Outcome::Failed(e),
+            }
+        }
+        Op::Release { handle, .. } => {
+            Outcome::Addrs(block.release_by_handle(handle, now, cooldown))
+        }
     }
 }
 
@@ -287,7 +343,11 @@ fn gone(op: &Op, cidr: IpNet) -> Outcome {
 fn fail_all(batch: &[Op], e: &IpamError) -> Vec<Outcome> {
     batch
         .iter()
-        .map(|_| Outcome::Failed(IpamError::WriteFailed { reason: e.to_string() }))
+        .map(|_| {
+            Outcome::Failed(IpamError::WriteFailed {
+                reason: e.to_string(),
+            })
+        })
         .collect()
 }
 
@@ -306,5 +366,9 @@ fn reply(op: Op, outcome: Outcome) {
 }
 
 pub fn api_err(name: &str, action: &'static str, source: kube::Error) -> IpamError {
-    IpamError::Api { object: name.to_string(), action, source: Box::new(source) }
+    IpamError::Api {
+        object: name.to_string(),
+        action,
+        source: Box::new(source),
+    }
 }

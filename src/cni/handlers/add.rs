@@ -1,0 +1,350 @@
+//! ADD and CHECK. ADD: pod lookup → IPAM (fixed IPs from `ipAddrs`, else the pool choice)
+//! → plumbing → annotations → result. Any failure after the allocation undoes the plumbing
+//! and releases the handle, so a failed ADD leaves nothing behind.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use chrono::Utc;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::options::{self, IpamOptions};
+use super::pod::{self, PodInfo};
+use super::{CniDaemon, HandlerError, require};
+use crate::api::AllowedUse;
+use crate::cni::invocation::{Command, PluginKind};
+use crate::cni::plumbing::{Attached, PodNetwork, host_veth_name};
+use crate::cni::protocol::Request;
+use crate::cni::result::{CniResult, Interface, IpConfig, Route};
+use crate::ipam::pools::{ANNOTATION_IP_ADDRS, parse_ip_addrs};
+use crate::ipam::{AssignRequest, pod_handle};
+
+/// Who the request is for.
+struct Target<'a> {
+    container: &'a str,
+    ifname: &'a str,
+    namespace: &'a str,
+    pod: &'a str,
+}
+
+fn target(request: &Request) -> Result<Target<'_>, HandlerError> {
+    let command = request.command;
+    Ok(Target {
+        container: require(command, "CNI_CONTAINERID", request.container_id.as_deref())?,
+        ifname: require(command, "CNI_IFNAME", request.ifname.as_deref())?,
+        namespace: require(
+            command,
+            "K8S_POD_NAMESPACE in CNI_ARGS",
+            request.args.k8s_pod_namespace.as_deref(),
+        )?,
+        pod: require(
+            command,
+            "K8S_POD_NAME in CNI_ARGS",
+            request.args.k8s_pod_name.as_deref(),
+        )?,
+    })
+}
+
+fn host_prefix(addr: IpAddr) -> IpNet {
+    IpNet::from(addr)
+}
+
+impl CniDaemon {
+    pub(super) async fn add(
+        &self,
+        request: &Request,
+        netns: Option<File>,
+    ) -> Result<CniResult, HandlerError> {
+        if !self.is_ready() {
+            return Err(HandlerError::NotReady {
+                reason: "IPAM has not synced with the API server yet".into(),
+            });
+        }
+        let t = target(request)?;
+        let netns = self.pod_netns(t.container, request.netns.as_deref(), netns)?;
+        let main = request.kind == PluginKind::Main;
+        let netns = match (main, netns) {
+            (true, None) => {
+                return Err(HandlerError::NoNetns {
+                    command: Command::Add,
+                    container: t.container.to_string(),
+                });
+            }
+            (_, ns) => ns,
+        };
+        let mtu = options::mtu(&request.raw_config, self.settings.default_mtu)?;
+        let opts = options::ipam_options(&request.raw_config)?;
+        let _serial = self.locks.lock(t.container).await;
+        let handle = pod_handle(t.container);
+
+        // A repeated ADD of a live attachment answers with what exists; anything else
+        // would release or duplicate the first ADD's address.
+        let existing: Vec<IpNet> = self
+            .ipam
+            .addresses_of(&handle)
+            .into_iter()
+            .map(host_prefix)
+            .collect();
+        if !existing.is_empty() {
+            return self
+                .repeat_add(request, &t, netns.as_ref(), existing, mtu)
+                .await;
+        }
+
+        let info = pod::lookup(&self.client, t.namespace, t.pod).await?;
+        let addrs = self.allocate(&handle, &t, &info, &opts).await?;
+        match self
+            .finish_add(request, &t, netns.as_ref(), &addrs, mtu)
+            .await
+        {
+            Ok(result) => Ok(result),
+            Err(e) => {
+                if let Err(undo) = self.ipam.release_by_handle(&handle).await {
+                    tracing::warn!(handle, error = %undo, "could not release the addresses of a failed ADD");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn allocate(
+        &self,
+        handle: &str,
+        t: &Target<'_>,
+        info: &PodInfo,
+        opts: &IpamOptions,
+    ) -> Result<Vec<IpNet>, HandlerError> {
+        let attrs = options::attributes(
+            &self.settings.node,
+            t.namespace,
+            t.pod,
+            info.uid.as_deref(),
+            Utc::now(),
+        );
+        if let Some(value) = info.annotations.get(ANNOTATION_IP_ADDRS) {
+            let wanted = parse_ip_addrs(value)?;
+            let mut got = Vec::new();
+            for addr in wanted {
+                match self
+                    .ipam
+                    .assign_ip(addr, handle, attrs.clone(), AllowedUse::Workload)
+                    .await
+                {
+                    Ok(net) => got.push(net),
+                    Err(e) => {
+                        if !got.is_empty() {
+                            let _ = self.ipam.release_by_handle(handle).await;
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            return Ok(got);
+        }
+        let req = AssignRequest {
+            v4: opts.v4,
+            v6: opts.v6,
+            pod_annotations: Some(info.annotations.clone()),
+            namespace_annotations: Some(info.namespace_annotations.clone()),
+            namespace_labels: Some(info.namespace_labels.clone()),
+            cni_v4_pools: opts.v4_pools.clone(),
+            cni_v6_pools: opts.v6_pools.clone(),
+            ..AssignRequest::workload(handle, attrs)
+        };
+        Ok(self.ipam.auto_assign(&req).await?)
+    }
+
+    async fn finish_add(
+        &self,
+        request: &Request,
+        t: &Target<'_>,
+        netns: Option<&File>,
+        addrs: &[IpNet],
+        mtu: u32,
+    ) -> Result<CniResult, HandlerError> {
+        let net = PodNetwork {
+            host_ifname: host_veth_name(t.namespace, t.pod),
+            pod_ifname: t.ifname.to_string(),
+            addrs: addrs.to_vec(),
+            mtu,
+        };
+        let attached = match netns {
+            Some(ns) => Some(self.plumber.attach(ns, &net).await?),
+            None => None,
+        };
+        if let Err(e) = pod::annotate(&self.client, t.namespace, t.pod, t.container, addrs).await {
+            if attached.is_some() {
+                let undo = self
+                    .plumber
+                    .detach(netns, t.ifname, &net.host_ifname, addrs)
+                    .await;
+                if let Err(undo) = undo {
+                    tracing::warn!(interface = %net.host_ifname, error = %undo, "could not remove the veth of a failed ADD");
+                }
+            }
+            return Err(e);
+        }
+        Ok(result(request, &net, attached.as_ref()))
+    }
+
+    async fn repeat_add(
+        &self,
+        request: &Request,
+        t: &Target<'_>,
+        netns: Option<&File>,
+        existing: Vec<IpNet>,
+        mtu: u32,
+    ) -> Result<CniResult, HandlerError> {
+        let net = PodNetwork {
+            host_ifname: host_veth_name(t.namespace, t.pod),
+            pod_ifname: t.ifname.to_string(),
+            addrs: existing,
+            mtu,
+        };
+        let differs = |problem: String| HandlerError::ExistingDiffers {
+            container: t.container.to_string(),
+            addrs: net
+                .addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            problem,
+        };
+        let attached = match netns {
+            Some(ns) => {
+                self.plumber
+                    .check(ns, &net)
+                    .await
+                    .map_err(|e| differs(e.to_string()))?;
+                Some(self.plumber.attached(ns, &net).await?)
+            }
+            None => None,
+        };
+        tracing::info!(
+            container = t.container,
+            "ADD repeated for a live attachment: answering with it"
+        );
+        Ok(result(request, &net, attached.as_ref()))
+    }
+
+    pub(super) async fn check(
+        &self,
+        request: &Request,
+        netns: Option<File>,
+    ) -> Result<(), HandlerError> {
+        let t = target(request)?;
+        let netns = self.pod_netns(t.container, request.netns.as_deref(), netns)?;
+        let _serial = self.locks.lock(t.container).await;
+        let handle = pod_handle(t.container);
+        let fail = |problem: String| HandlerError::Check {
+            container: t.container.to_string(),
+            problem,
+        };
+        let mut held: Vec<IpNet> = self
+            .ipam
+            .addresses_of(&handle)
+            .into_iter()
+            .map(host_prefix)
+            .collect();
+        held.sort();
+        if held.is_empty() {
+            return Err(fail(format!("IPAM holds no address for handle {handle}")));
+        }
+        if let Some(prev) = &request.prev_result {
+            let mut wanted: Vec<IpNet> = prev.ips.iter().map(|ip| ip.address).collect();
+            wanted.sort();
+            if wanted != held {
+                return Err(fail(format!(
+                    "prevResult lists {} but IPAM holds {} for handle {handle}",
+                    list(&wanted),
+                    list(&held)
+                )));
+            }
+        }
+        if request.kind == PluginKind::Ipam {
+            return Ok(());
+        }
+        let Some(ns) = netns else {
+            return Err(HandlerError::NoNetns {
+                command: Command::Check,
+                container: t.container.to_string(),
+            });
+        };
+        let mtu = options::mtu(&request.raw_config, self.settings.default_mtu)?;
+        let net = PodNetwork {
+            host_ifname: host_veth_name(t.namespace, t.pod),
+            pod_ifname: t.ifname.to_string(),
+            addrs: held,
+            mtu,
+        };
+        self.plumber
+            .check(&ns, &net)
+            .await
+            .map_err(|e| fail(e.to_string()))
+    }
+}
+
+fn list(addrs: &[IpNet]) -> String {
+    if addrs.is_empty() {
+        return "nothing".into();
+    }
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The spec's result: host and pod interfaces, each IP on the pod interface, default routes.
+fn result(request: &Request, net: &PodNetwork, attached: Option<&Attached>) -> CniResult {
+    let mut out = CniResult::default();
+    let pod_index = attached.map(|a| {
+        out.interfaces.push(Interface {
+            name: net.host_ifname.clone(),
+            mac: Some(a.host_mac.clone()),
+            mtu: Some(net.mtu),
+            ..Default::default()
+        });
+        out.interfaces.push(Interface {
+            name: net.pod_ifname.clone(),
+            mac: Some(a.pod_mac.clone()),
+            mtu: Some(net.mtu),
+            sandbox: request.netns.clone(),
+            ..Default::default()
+        });
+        1
+    });
+    for addr in &net.addrs {
+        out.ips.push(IpConfig {
+            address: *addr,
+            gateway: pod_index.map(|_| PodNetwork::gateway_for(addr.addr())),
+            interface: pod_index,
+        });
+    }
+    let mut families: Vec<bool> = net.addrs.iter().map(|a| a.addr().is_ipv6()).collect();
+    families.dedup();
+    for v6 in families {
+        let (dst, probe) = if v6 {
+            (
+                IpNet::V6(Ipv6Net::default()),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            )
+        } else {
+            (
+                IpNet::V4(Ipv4Net::default()),
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            )
+        };
+        out.routes.push(Route {
+            dst,
+            gw: pod_index.map(|_| PodNetwork::gateway_for(probe)),
+            mtu: None,
+            advmss: None,
+            priority: None,
+            table: None,
+            scope: None,
+        });
+    }
+    out
+}

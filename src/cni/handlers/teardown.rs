@@ -1,0 +1,109 @@
+//! DEL and GC: release by handle and remove the plumbing. DEL succeeds when anything is
+//! already gone (namespace, veth, container, address); GC releases this node's pod
+//! attachments the runtime no longer lists as valid.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::{CniDaemon, HandlerError, require};
+use crate::cni::install::NETWORK_NAME;
+use crate::cni::invocation::{Command, PluginKind};
+use crate::cni::plumbing::host_veth_name;
+use crate::cni::protocol::Request;
+use crate::ipam::pod_handle;
+
+impl CniDaemon {
+    pub(super) async fn del(
+        &self,
+        request: &Request,
+        netns: Option<File>,
+    ) -> Result<(), HandlerError> {
+        let container = require(
+            Command::Del,
+            "CNI_CONTAINERID",
+            request.container_id.as_deref(),
+        )?;
+        let ifname = request.ifname.as_deref().unwrap_or("eth0");
+        // Never act on the host's own namespace, even to delete.
+        let netns = self.pod_netns(container, request.netns.as_deref(), netns)?;
+        let _serial = self.locks.lock(container).await;
+        let handle = pod_handle(container);
+        let mut addrs: BTreeSet<IpNet> = self
+            .ipam
+            .addresses_of(&handle)
+            .into_iter()
+            .map(IpNet::from)
+            .collect();
+        if let Some(prev) = &request.prev_result {
+            addrs.extend(prev.ips.iter().map(|ip| IpNet::from(ip.address.addr())));
+        }
+        let addrs: Vec<IpNet> = addrs.into_iter().collect();
+        if request.kind == PluginKind::Main {
+            let host_ifname = match (
+                request.args.k8s_pod_namespace.as_deref(),
+                request.args.k8s_pod_name.as_deref(),
+            ) {
+                (Some(ns), Some(pod)) => host_veth_name(ns, pod),
+                // Without the pod's name only the pod side (and so the pair) can go.
+                _ => String::new(),
+            };
+            let done = self
+                .plumber
+                .detach(netns.as_ref(), ifname, &host_ifname, &addrs)
+                .await?;
+            tracing::debug!(container, ?done, "plumbing removed");
+        }
+        let released = self.ipam.release_by_handle(&handle).await?;
+        tracing::debug!(container, released = released.len(), "addresses released");
+        Ok(())
+    }
+
+    pub(super) async fn gc(&self, request: &Request) -> Result<(), HandlerError> {
+        let valid: BTreeSet<&str> = request
+            .valid_attachments
+            .iter()
+            .map(|a| a.container_id.as_str())
+            .collect();
+        let prefix = format!("{NETWORK_NAME}.");
+        let node = self.settings.node.as_str();
+        // Handles of pod addresses recorded for this node, with their addresses.
+        let candidates: Vec<(String, Vec<IpAddr>)> = self.ipam.with_view(|v| {
+            let mut out: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
+            for cached in v.blocks.values() {
+                let b = &cached.block;
+                for (ord, a) in b.allocations.iter().enumerate() {
+                    let Some(attr) = a.and_then(|i| b.attributes.get(i)) else {
+                        continue;
+                    };
+                    let Some(h) = attr.handle_id.as_deref() else {
+                        continue;
+                    };
+                    let Some(container) = h.strip_prefix(&prefix) else {
+                        continue;
+                    };
+                    if attr.secondary.get("node").map(String::as_str) != Some(node)
+                        || valid.contains(container)
+                    {
+                        continue;
+                    }
+                    if let Some(addr) = crate::ipam::cidr::addr_at(&b.cidr, ord) {
+                        out.entry(h.to_string()).or_default().push(addr);
+                    }
+                }
+            }
+            out.into_iter().collect()
+        });
+        for (handle, addrs) in candidates {
+            let container = handle.strip_prefix(&prefix).unwrap_or(&handle).to_string();
+            let _serial = self.locks.lock(&container).await;
+            let nets: Vec<IpNet> = addrs.iter().copied().map(IpNet::from).collect();
+            let removed = self.plumber.remove_host_side(&nets).await?;
+            let released = self.ipam.release_by_handle(&handle).await?;
+            tracing::info!(handle, released = ?released, veths = removed, "GC released a stale attachment");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,358 @@
+//! Attach and detach one pod: the veth pair (host side `cali…` with the fixed MAC, pod side
+//! born directly in the pod namespace), host sysctls, pod addresses and routes, and the host
+//! route tagged with tortie's protocol. A failed attach removes what it made.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressHeaderFlags;
+use netlink_packet_route::link::{InfoData, InfoVeth};
+use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::route::{RouteProtocol, RouteScope};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use super::links::{self, errno};
+use super::netns::{self, NsNetlink};
+use super::{
+    Attached, Detached, GATEWAY_V4, HOST_MAC, Plumber, PlumbingError, PodNetwork, format_mac,
+};
+use crate::calc::desired::ROUTE_PROTOCOL;
+
+impl Plumber {
+    /// Builds the attachment described by `net` into the pod namespace `pod_ns`. On error
+    /// the veth pair is gone again (and with it the host routes that used it).
+    pub async fn attach(&self, pod_ns: &File, net: &PodNetwork) -> Result<Attached, PlumbingError> {
+        let host = self.host_handle();
+        // A leftover of an earlier sandbox of the same pod holds the name (Calico does the same).
+        if let Some(stale) = links::link_by_name(host, &net.host_ifname).await? {
+            tracing::info!(interface = %net.host_ifname, "removing a stale host veth");
+            links::delete_link(host, stale.header.index, &net.host_ifname).await?;
+        }
+        let peer = LinkUnspec::new_with_name(&net.pod_ifname)
+            .setns_by_fd(pod_ns.as_raw_fd())
+            .mtu(net.mtu)
+            .build();
+        let veth = LinkVeth::new(&net.host_ifname, &net.pod_ifname)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .address(HOST_MAC.to_vec())
+            .mtu(net.mtu)
+            .build();
+        match host.link().add(veth).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                // The host name was free a moment ago, so the pod side is what exists.
+                return Err(PlumbingError::PodInterfaceExists {
+                    ifname: net.pod_ifname.clone(),
+                });
+            }
+            Err(e) => {
+                return Err(PlumbingError::netlink(
+                    format!("create veth {} <-> {}", net.host_ifname, net.pod_ifname),
+                    e,
+                ));
+            }
+        }
+        let Some(link) = links::link_by_name(host, &net.host_ifname).await? else {
+            return Err(PlumbingError::Mismatch(format!(
+                "host veth {} vanished right after it was created",
+                net.host_ifname
+            )));
+        };
+        let host_index = link.header.index;
+        match self.configure(pod_ns, net, host_index).await {
+            Ok(attached) => Ok(attached),
+            Err(e) => {
+                // The pair goes as one; the kernel drops the routes that used it.
+                if let Err(undo) = links::delete_link(host, host_index, &net.host_ifname).await {
+                    tracing::warn!(interface = %net.host_ifname, error = %undo, "could not remove the veth of a failed attach");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn configure(
+        &self,
+        pod_ns: &File,
+        net: &PodNetwork,
+        host_index: u32,
+    ) -> Result<Attached, PlumbingError> {
+        let host = self.host_handle();
+        let sysctls = host_sysctls(&net.host_ifname, net.has_v4(), net.has_v6());
+        netns::run_in(self.host_namespace(), move || {
+            for (path, value) in &sysctls {
+                netns::write_sysctl(path, value)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| PlumbingError::io(format!("host sysctls of {}", net.host_ifname), e))?;
+        host.link()
+            .set(LinkUnspec::new_with_index(host_index).up().build())
+            .execute()
+            .await
+            .map_err(|e| PlumbingError::netlink(format!("set {} up", net.host_ifname), e))?;
+
+        let pod = NsNetlink::open(pod_ns)
+            .await
+            .map_err(|e| PlumbingError::io("open netlink in the pod namespace", e))?;
+        let (pod_index, pod_mac) = configure_pod(&pod.handle, net).await?;
+
+        for addr in &net.addrs {
+            add_host_route(host, *addr, host_index, &net.host_ifname).await?;
+        }
+        Ok(Attached {
+            host_mac: format_mac(&HOST_MAC),
+            pod_mac,
+            host_index,
+            pod_index,
+        })
+    }
+
+    /// Removes an attachment; every part may already be gone. With the pod namespace the
+    /// pod-side interface is deleted there (which takes the pair). Without it, the host veth
+    /// named `host_ifname` is deleted only if a host route of `addrs` points at it, so a DEL
+    /// for an old sandbox never cuts the veth of the pod's current one.
+    pub async fn detach(
+        &self,
+        pod_ns: Option<&File>,
+        pod_ifname: &str,
+        host_ifname: &str,
+        addrs: &[IpNet],
+    ) -> Result<Detached, PlumbingError> {
+        let host = self.host_handle();
+        let mut done = Detached::default();
+        // Routes die with their device, so only routes on this veth can exist; checking the
+        // device also keeps a repeated DEL off an address that went to another pod since.
+        let host_link = links::link_by_name(host, host_ifname).await?;
+        let mut owns_host_link = false;
+        if let Some(link) = &host_link {
+            for addr in addrs {
+                for route in links::routes_to(host, *addr).await? {
+                    if route.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+                        || route.oif != Some(link.header.index)
+                    {
+                        continue;
+                    }
+                    owns_host_link = true;
+                    match host.route().del(route.message.clone()).execute().await {
+                        Ok(()) => done.host_routes += 1,
+                        Err(e) if errno(&e) == Some(libc::ESRCH) => {}
+                        Err(e) => {
+                            return Err(PlumbingError::netlink(
+                                format!("delete host route {addr}"),
+                                e,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(ns) = pod_ns {
+            let pod = NsNetlink::open(ns)
+                .await
+                .map_err(|e| PlumbingError::io("open netlink in the pod namespace", e))?;
+            if let Some(link) = links::link_by_name(&pod.handle, pod_ifname).await? {
+                done.pod_interface =
+                    links::delete_link(&pod.handle, link.header.index, pod_ifname).await?;
+            }
+        }
+        // Deleting the pod side took the pair already; otherwise the host side goes alone.
+        let mut host_deleted = done.pod_interface;
+        if owns_host_link
+            && !host_deleted
+            && let Some(link) = host_link
+        {
+            host_deleted = links::delete_link(host, link.header.index, host_ifname).await?;
+        }
+        done.host_interface = host_deleted;
+        Ok(done)
+    }
+}
+
+/// Calico's host-side settings: answer ARP for the gateway, forward, no ARP delay; for IPv6
+/// a link-local address usable at once (no DAD) and no router advertisements.
+fn host_sysctls(ifname: &str, v4: bool, v6: bool) -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    if v4 {
+        let conf = format!("/proc/sys/net/ipv4/conf/{ifname}");
+        out.push((format!("{conf}/proxy_arp"), "1"));
+        out.push((format!("{conf}/forwarding"), "1"));
+        out.push((format!("{conf}/route_localnet"), "1"));
+        out.push((
+            format!("/proc/sys/net/ipv4/neigh/{ifname}/proxy_delay"),
+            "0",
+        ));
+    }
+    if v6 {
+        let conf = format!("/proc/sys/net/ipv6/conf/{ifname}");
+        out.push((format!("{conf}/disable_ipv6"), "0"));
+        out.push((format!("{conf}/accept_dad"), "0"));
+        out.push((format!("{conf}/accept_ra"), "0"));
+        out.push((format!("{conf}/forwarding"), "1"));
+    }
+    out
+}
+
+/// Pod side: up, addresses, the gateway neighbour and routes. Returns (index, MAC).
+async fn configure_pod(pod: &Handle, net: &PodNetwork) -> Result<(u32, String), PlumbingError> {
+    let Some(link) = links::link_by_name(pod, &net.pod_ifname).await? else {
+        return Err(PlumbingError::PodInterfaceMissing {
+            ifname: net.pod_ifname.clone(),
+        });
+    };
+    let index = link.header.index;
+    let mac = links::mac_of(&link)
+        .map(|m| format_mac(&m))
+        .unwrap_or_default();
+    pod.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| PlumbingError::netlink(format!("set pod {} up", net.pod_ifname), e))?;
+    for addr in &net.addrs {
+        let mut req = pod.address().add(index, addr.addr(), addr.prefix_len());
+        if addr.addr().is_ipv6() {
+            // Usable at once: the /128 is unique by IPAM, DAD would only delay the pod.
+            req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
+        req.execute().await.map_err(|e| {
+            PlumbingError::netlink(format!("add address {addr} to pod {}", net.pod_ifname), e)
+        })?;
+    }
+    if net.has_v4() {
+        // The gateway never holds an address: proxy ARP answers for it, and a permanent
+        // neighbour spares the pod that first ARP round trip.
+        pod.neighbours()
+            .add(index, IpAddr::V4(GATEWAY_V4))
+            .link_layer_address(&HOST_MAC)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| PlumbingError::netlink("add the gateway neighbour in the pod", e))?;
+        let scope_link = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(GATEWAY_V4, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Boot)
+            .build();
+        pod.route()
+            .add(scope_link)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                PlumbingError::netlink(format!("add route {GATEWAY_V4}/32 in the pod"), e)
+            })?;
+    }
+    for gateway in gateways(net) {
+        let msg = default_route(gateway, index)?;
+        pod.route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                PlumbingError::netlink(format!("add default route via {gateway} in the pod"), e)
+            })?;
+    }
+    Ok((index, mac))
+}
+
+fn gateways(net: &PodNetwork) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = net
+        .addrs
+        .iter()
+        .map(|a| PodNetwork::gateway_for(a.addr()))
+        .collect();
+    out.dedup();
+    out
+}
+
+fn default_route(
+    gateway: IpAddr,
+    index: u32,
+) -> Result<netlink_packet_route::route::RouteMessage, PlumbingError> {
+    let any = match gateway {
+        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+        IpAddr::V6(_) => IpAddr::from([0u16; 8]),
+    };
+    let builder = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(any, 0)
+        .and_then(|b| b.gateway(gateway))
+        .map_err(|e| PlumbingError::Mismatch(format!("default route via {gateway}: {e}")))?;
+    Ok(builder
+        .output_interface(index)
+        .onlink()
+        .protocol(RouteProtocol::Boot)
+        .build())
+}
+
+async fn add_host_route(
+    host: &Handle,
+    addr: IpNet,
+    host_index: u32,
+    host_ifname: &str,
+) -> Result<(), PlumbingError> {
+    let msg = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(addr.addr(), addr.prefix_len())
+        .map_err(|e| PlumbingError::Mismatch(format!("host route {addr}: {e}")))?
+        .output_interface(host_index)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build();
+    match host.route().add(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(libc::EEXIST) => {
+            let holders = links::routes_to(host, addr).await?;
+            if holders.iter().any(|r| r.oif == Some(host_index)) {
+                return Ok(());
+            }
+            let mut holder = String::from("unknown");
+            if let Some(oif) = holders.iter().find_map(|r| r.oif)
+                && let Some(link) = links::link_by_index(host, oif).await?
+            {
+                holder = links::name_of(&link).unwrap_or_else(|| format!("#{oif}"));
+            }
+            Err(PlumbingError::RouteHeld {
+                dst: addr,
+                holder,
+                wanted: host_ifname.to_string(),
+            })
+        }
+        Err(e) => Err(PlumbingError::netlink(
+            format!("add host route {addr} dev {host_ifname}"),
+            e,
+        )),
+    }
+}
+
+impl Plumber {
+    /// GC: removes tortie's host routes to `addrs` and the `cali…` veths they point at,
+    /// without knowing the pod. Returns how many veths went.
+    pub async fn remove_host_side(&self, addrs: &[IpNet]) -> Result<usize, PlumbingError> {
+        let host = self.host_handle();
+        let mut removed = 0;
+        for addr in addrs {
+            for route in links::routes_to(host, *addr).await? {
+                if route.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                    continue;
+                }
+                let Some(oif) = route.oif else { continue };
+                let Some(link) = links::link_by_index(host, oif).await? else {
+                    continue;
+                };
+                let name = links::name_of(&link).unwrap_or_default();
+                if name.starts_with(super::HOST_IF_PREFIX)
+                    && links::delete_link(host, oif, &name).await?
+                {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
