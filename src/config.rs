@@ -4,6 +4,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cni::service::CniNodeArgs;
+use crate::datastore::lease;
+use crate::node::identity::{self, IdentityError};
 
 /// Raw flags of `tortie node` as clap parses them.
 #[derive(Clone, Debug, clap::Args)]
@@ -31,6 +36,28 @@ pub struct NodeArgs {
     /// Port of the metrics server.
     #[arg(long, env = "TORTIE_METRICS_PORT", default_value_t = 9091)]
     pub metrics_port: u16,
+
+    /// How the node IP is found, as in Calico: first-found, interface=<regex>,
+    /// skip-interface=<regex>, cidr=<cidr>, can-reach=<ip>, kubernetes-internal-ip.
+    #[arg(long, env = "IP_AUTODETECTION_METHOD", default_value = "first-found")]
+    pub ip_autodetection_method: String,
+
+    /// Seconds between full dataplane resyncs that repair drift the kernel monitor missed
+    /// (Felix's RouteRefreshInterval).
+    #[arg(long, env = "TORTIE_RESYNC_INTERVAL", default_value_t = 90)]
+    pub resync_interval: u64,
+
+    /// TX checksum offload on `vxlan.calico` is broken here (Calico's ChecksumOffloadBroken):
+    /// true turns it off, false keeps it on; unset decides from the kernel version.
+    #[arg(long, env = "TORTIE_CHECKSUM_OFFLOAD_BROKEN")]
+    pub checksum_offload_broken: Option<bool>,
+
+    /// Namespace of the Lease that elects the node running cluster-wide jobs.
+    #[arg(long, env = "TORTIE_LEASE_NAMESPACE", default_value = lease::DEFAULT_NAMESPACE)]
+    pub lease_namespace: String,
+
+    #[command(flatten)]
+    pub cni: CniNodeArgs,
 }
 
 /// Where the API server credentials come from.
@@ -43,12 +70,17 @@ pub enum KubeSource {
 }
 
 /// Validated settings of the node daemon.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node_name: String,
     pub kube: KubeSource,
     pub health_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    pub autodetection: identity::Method,
+    pub resync_interval: Duration,
+    pub checksum_offload_broken: Option<bool>,
+    pub lease_namespace: String,
+    pub cni: CniNodeArgs,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,6 +95,18 @@ pub enum ConfigError {
     SameListenAddress { addr: SocketAddr },
     #[error("kubeconfig path is empty: unset KUBECONFIG to use the in-cluster service account")]
     EmptyKubeconfig,
+    #[error("IP_AUTODETECTION_METHOD: {0}")]
+    Autodetection(String),
+    #[error("TORTIE_RESYNC_INTERVAL must be at least 1 second")]
+    ZeroResync,
+    #[error("TORTIE_LEASE_NAMESPACE must not be empty")]
+    EmptyLeaseNamespace,
+}
+
+impl From<IdentityError> for ConfigError {
+    fn from(e: IdentityError) -> Self {
+        ConfigError::Autodetection(e.to_string())
+    }
 }
 
 impl NodeConfig {
@@ -91,11 +135,23 @@ impl NodeConfig {
                 addr: health_listen,
             });
         }
+        let autodetection = identity::Method::parse(&args.ip_autodetection_method)?;
+        if args.resync_interval == 0 {
+            return Err(ConfigError::ZeroResync);
+        }
+        if args.lease_namespace.is_empty() {
+            return Err(ConfigError::EmptyLeaseNamespace);
+        }
         Ok(NodeConfig {
             node_name,
             kube,
             health_listen,
             metrics_listen,
+            autodetection,
+            resync_interval: Duration::from_secs(args.resync_interval),
+            checksum_offload_broken: args.checksum_offload_broken,
+            lease_namespace: args.lease_namespace,
+            cni: args.cni,
         })
     }
 }
@@ -224,6 +280,35 @@ mod tests {
             "9000",
         ]));
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn overlay_defaults_follow_calico() {
+        let cfg = NodeConfig::from_args(parse(&["--node-name", "n1"])).expect("valid");
+        assert_eq!(
+            cfg.autodetection,
+            identity::Method::parse("first-found").expect("m")
+        );
+        assert_eq!(cfg.resync_interval, Duration::from_secs(90));
+        assert_eq!(cfg.checksum_offload_broken, None);
+        assert_eq!(cfg.lease_namespace, lease::DEFAULT_NAMESPACE);
+        assert_eq!(
+            cfg.cni.cni_socket,
+            PathBuf::from("/var/run/tortie/cni.sock")
+        );
+        assert_eq!(cfg.cni.cni_mtu, 0);
+    }
+
+    #[test]
+    fn unknown_autodetection_method_stops_start_up() {
+        let err = NodeConfig::from_args(parse(&[
+            "--node-name",
+            "n1",
+            "--ip-autodetection-method",
+            "magic",
+        ]))
+        .expect_err("unknown method");
+        assert!(err.to_string().contains("magic"), "{err}");
     }
 
     #[test]

@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the node daemon (DaemonSet, hostNetwork).
     Node(config::NodeArgs),
+    /// Operator view of IPAM: show utilisation, check consistency, release an address.
+    Ipam(tortie::ipam::cli::IpamArgs),
     /// Print version, git commit, compiler and target.
     Version,
     /// (Re)write the CRD manifests generated from src/api.
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Node(args) => node::main(args),
+        Command::Ipam(args) => tortie::ipam::cli::run(args),
         Command::Version => {
             print!("{}", BuildInfo::CURRENT.render());
             ExitCode::SUCCESS

@@ -10,6 +10,7 @@ use std::net::{TcpListener, TcpStream};
 
 use ipnet::IpNet;
 use support::NetNs;
+use tortie::cni::install;
 use tortie::cni::plumbing::{Plumber, PlumbingError, PodNetwork, host_veth_name};
 
 /// A node namespace with an uplink holding the "host" address pods ping.
@@ -319,12 +320,30 @@ mod daemon {
         stop: watch::Sender<bool>,
         pub dir: tempfile::TempDir,
         pub cp: ControlPlane,
+        used: std::sync::Mutex<Vec<PathBuf>>,
     }
 
     impl Drop for Harness {
         fn drop(&mut self) {
             let _ = self.stop.send(true);
+            // libcni keeps a result per attachment under /var/lib/cni until DEL; drop the
+            // ones of attachments this test left behind.
+            let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
+            for netns in used {
+                let _ = std::fs::remove_file(cnitool_cache_file(install::NETWORK_NAME, &netns));
+            }
         }
+    }
+
+    /// Where libcni caches cnitool's result: cnitool names the container
+    /// `cnitool-<first 20 hex of sha512(netns path)>`.
+    pub fn cnitool_cache_file(net: &str, netns: &Path) -> PathBuf {
+        use sha2::{Digest, Sha512};
+        let digest = hex::encode(Sha512::digest(netns.as_os_str().as_encoded_bytes()));
+        PathBuf::from(format!(
+            "/var/lib/cni/results/{net}-cnitool-{}-eth0",
+            &digest[..20]
+        ))
     }
 
     pub async fn create_pool(
@@ -384,6 +403,7 @@ mod daemon {
             stop,
             dir,
             cp,
+            used: Default::default(),
         })
     }
 
@@ -458,6 +478,9 @@ mod daemon {
         pod: &str,
         netns: &Path,
     ) -> anyhow::Result<Outcome> {
+        if let Ok(mut used) = h.used.lock() {
+            used.push(netns.to_path_buf());
+        }
         let out = tokio::process::Command::new(binaries::cnitool()?)
             .args([verb, install::NETWORK_NAME])
             .arg(netns)
@@ -920,5 +943,161 @@ async fn status_follows_readiness_and_gc_releases_what_is_not_valid() -> anyhow:
     );
     let check = cnitool(&h, "check", "keep", &keep_ns.path()).await?;
     assert!(check.ok, "{} {}", check.stdout, check.stderr);
+    Ok(())
+}
+
+// ---- benchmark (not a test): cargo test --test cni_daemon -- --ignored --nocapture bench_ ----
+
+/// cnitool run inside `node` (so `bridge` builds its bridge there, never in the root
+/// namespace); returns success and the wall time of the whole invocation.
+async fn timed_cnitool(
+    node: &NetNs,
+    verb: &str,
+    net: &str,
+    conf_dir: &std::path::Path,
+    cni_path: &str,
+    pod: &str,
+    netns: &std::path::Path,
+) -> anyhow::Result<(bool, std::time::Duration)> {
+    use std::os::fd::AsFd;
+    let node_ns = std::fs::File::open(node.path())?;
+    let mut cmd = tokio::process::Command::new(support::binaries::cnitool()?);
+    cmd.args([verb, net])
+        .arg(netns)
+        .env("CNI_PATH", cni_path)
+        .env("NETCONFPATH", conf_dir)
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setns is async-signal-safe; the child joins the node namespace before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(node_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let started = std::time::Instant::now();
+    let status = cmd.status().await?;
+    Ok((status.success(), started.elapsed()))
+}
+
+fn percentiles(mut v: Vec<std::time::Duration>) -> String {
+    v.sort();
+    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0;
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms (n={})",
+        at(0.5),
+        at(0.99),
+        v.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+async fn bench_add_del_tortie_vs_bridge_host_local() -> anyhow::Result<()> {
+    const SEQ: usize = 40;
+    const BURST: usize = 100;
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let h = harness("10.244.0.0/20", 26).await?;
+    let client = h.cp.client();
+    let bridge_dir = tempfile::tempdir()?;
+    let bridge_conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "bench-bridge",
+        "plugins": [{"type": "bridge", "bridge": "cnibr0", "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]],
+                     "dataDir": bridge_dir.path().join("host-local")}}]
+    });
+    let conf_dir = bridge_dir.path().join("net.d");
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::write(conf_dir.join("10-bridge.conflist"), bridge_conf.to_string())?;
+    let tortie_path = h.settings.bin_dir.display().to_string();
+
+    let mut pods = Vec::new();
+    for i in 0..SEQ + BURST {
+        let name = format!("bench-{i}");
+        create_pod(&client, &name, &[]).await?;
+        pods.push((name, NetNs::new("bench")?));
+    }
+    // One warm-up each, so neither pays first-use costs in the figures.
+    for (net, dir, path) in [
+        (
+            install::NETWORK_NAME,
+            h.settings.conf_dir.as_path(),
+            tortie_path.as_str(),
+        ),
+        ("bench-bridge", conf_dir.as_path(), "/usr/lib/cni"),
+    ] {
+        let (name, ns) = &pods[0];
+        assert!(
+            timed_cnitool(&h.node, "add", net, dir, path, name, &ns.path())
+                .await?
+                .0
+        );
+        assert!(
+            timed_cnitool(&h.node, "del", net, dir, path, name, &ns.path())
+                .await?
+                .0
+        );
+    }
+    let mut report = Vec::new();
+    for (label, net, dir, path) in [
+        (
+            "tortie",
+            install::NETWORK_NAME,
+            h.settings.conf_dir.as_path(),
+            tortie_path.as_str(),
+        ),
+        (
+            "bridge+host-local",
+            "bench-bridge",
+            conf_dir.as_path(),
+            "/usr/lib/cni",
+        ),
+    ] {
+        let (mut adds, mut dels) = (Vec::new(), Vec::new());
+        for (name, ns) in &pods[..SEQ] {
+            let (ok, t) = timed_cnitool(&h.node, "add", net, dir, path, name, &ns.path()).await?;
+            assert!(ok, "{label} ADD {name}");
+            adds.push(t);
+        }
+        for (name, ns) in &pods[..SEQ] {
+            let (ok, t) = timed_cnitool(&h.node, "del", net, dir, path, name, &ns.path()).await?;
+            assert!(ok, "{label} DEL {name}");
+            dels.push(t);
+        }
+        let paths: Vec<std::path::PathBuf> = pods[SEQ..].iter().map(|(_, ns)| ns.path()).collect();
+        let started = std::time::Instant::now();
+        let burst = futures::future::join_all(
+            pods[SEQ..]
+                .iter()
+                .zip(&paths)
+                .map(|((name, _), p)| timed_cnitool(&h.node, "add", net, dir, path, name, p)),
+        )
+        .await;
+        let wall = started.elapsed();
+        let ok = burst.iter().filter(|r| matches!(r, Ok((true, _)))).count();
+        for ((name, _), p) in pods[SEQ..].iter().zip(&paths) {
+            timed_cnitool(&h.node, "del", net, dir, path, name, p).await?;
+        }
+        report.push(format!(
+            "{label}: ADD {} | DEL {} | {BURST} concurrent ADDs: {} ms wall, {ok} ok",
+            percentiles(adds),
+            percentiles(dels),
+            wall.as_millis()
+        ));
+    }
+    let stats = h.daemon.ipam().stats();
+    for line in &report {
+        eprintln!("{line}");
+    }
+    eprintln!("ipam write stats: {stats:?}");
     Ok(())
 }

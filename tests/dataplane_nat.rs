@@ -533,6 +533,14 @@ table inet tortie {
         "accept",
     ])?;
     assert_eq!(bed.reconcile(&mut table, &desired)?.0, Outcome::Repaired);
+    // An object of a kind tortie never makes.
+    let map = format!(
+        "add map inet {} stray {{ type ipv4_addr : ipv4_addr; }}",
+        nft::TABLE
+    );
+    bed.node.exec_ok(&["nft", &map])?;
+    assert_eq!(bed.reconcile(&mut table, &desired)?.0, Outcome::Repaired);
+    assert!(!bed.nft_list(&bed.node).contains("stray"));
     assert_eq!(bed.reconcile(&mut table, &desired)?.0, Outcome::InSync);
     assert_eq!(seen_ip(pod, &internet)?, NODE_IP);
 

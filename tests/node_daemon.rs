@@ -2,174 +2,61 @@
 // (503 with the reason, then 200), /metrics is valid Prometheus text, SIGTERM ends it with
 // exit 0 within 2 s, and an unreachable or lost API server is reported, not hidden.
 
+mod nodes;
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nodes::{Daemon, DaemonOpts, Host};
 use support::ControlPlane;
 
 /// A DaemonSet rollout gives the old pod this long; the daemon must be gone by then.
 const EXIT_BUDGET: Duration = Duration::from_secs(2);
 
-/// `tortie node` on loopback ports; killed and reaped on Drop.
-struct Daemon {
-    child: Child,
-    health: u16,
-    metrics: u16,
-    log: tempfile::NamedTempFile,
+/// `tortie node` in its own node namespace (see tests/nodes), with a metrics parser on top.
+struct Node {
+    daemon: Daemon,
+    _dir: tempfile::TempDir,
 }
 
-impl Daemon {
-    fn start(kubeconfig: &Path, node_name: &str) -> Daemon {
-        let [health, metrics] = free_ports();
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tortie"));
-        cmd.arg("node")
-            .env_clear()
-            .env("KUBECONFIG", kubeconfig)
-            .env("NODENAME", node_name)
-            .env("TORTIE_HEALTH_ADDR", "127.0.0.1")
-            .env("TORTIE_HEALTH_PORT", health.to_string())
-            .env("TORTIE_METRICS_ADDR", "127.0.0.1")
-            .env("TORTIE_METRICS_PORT", metrics.to_string())
-            .env("TORTIE_LOG_LEVEL", "info,tortie=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().expect("log handle"));
-        // SAFETY: prctl is async-signal-safe; it makes the daemon die with this test thread.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn tortie node");
-        Daemon {
-            child,
-            health,
-            metrics,
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn readiness(&self) -> Result<(u16, String), String> {
-        http_get(self.health, "/readiness")
+impl Node {
+    fn start(host: &Host, kubeconfig: &Path, node_name: &str) -> Node {
+        let dir = tempfile::tempdir().expect("daemon dir");
+        let daemon = Daemon::start(
+            host,
+            dir.path(),
+            DaemonOpts {
+                kubeconfig,
+                node_name,
+                env: vec![("IP_AUTODETECTION_METHOD", "interface=api0".into())],
+            },
+        );
+        Node { daemon, _dir: dir }
     }
 
     fn metrics(&self) -> Exposition {
-        let (status, body) = http_get(self.metrics, "/metrics").expect("GET /metrics");
-        assert_eq!(status, 200, "/metrics: {body}");
+        let body = self.daemon.metrics_text();
         parse_exposition(&body).unwrap_or_else(|e| panic!("/metrics is not valid: {e}\n{body}"))
     }
+}
 
-    /// Polls /readiness until `want(status, body)` holds, returning the last answer.
-    fn wait_readiness(
-        &mut self,
-        timeout: Duration,
-        want: impl Fn(u16, &str) -> bool,
-    ) -> (u16, String) {
-        let deadline = Instant::now() + timeout;
-        let mut last = Err("no answer yet".to_owned());
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("tortie node exited early ({status}):\n{}", self.log());
-            }
-            last = self.readiness();
-            if let Ok((code, body)) = &last
-                && want(*code, body)
-            {
-                return (*code, body.clone());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "readiness never reached the wanted state in {timeout:?}; last answer {last:?}\n{}",
-            self.log()
-        );
-    }
-
-    /// SIGTERM, then waits (up to 10 s) for the exit; returns the status and how long it took.
-    fn terminate(&mut self) -> (ExitStatus, Duration) {
-        let t0 = Instant::now();
-        kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
-        while t0.elapsed() < Duration::from_secs(10) {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status, t0.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("tortie node ignored SIGTERM for 10 s:\n{}", self.log());
-    }
-
-    fn resident_bytes(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS line");
-        kib * 1024
+impl std::ops::Deref for Node {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
     }
-}
-
-fn free_ports() -> [u16; 2] {
-    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    [
-        a.local_addr().expect("addr").port(),
-        b.local_addr().expect("addr").port(),
-    ]
-}
-
-/// A minimal HTTP/1.1 GET on loopback (status code and body); Err while nothing listens.
-fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).map_err(|e| e.to_string())?;
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no end of headers")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    Ok((code, body.to_owned()))
 }
 
 /// One sample line: full name (with any _total/_bucket suffix), labels, value.
@@ -340,17 +227,17 @@ fn exposition_parser_rejects_malformed_text() {
 
 #[tokio::test]
 async fn node_becomes_ready_after_sync_and_exits_zero_on_sigterm() {
-    let cp = ControlPlane::start().await.expect("control plane");
+    let host = Host::new("nd-a").expect("host");
+    let cp = ControlPlane::start_on(host.root_ip.into())
+        .await
+        .expect("control plane");
     cp.create_node("node-a", &[]).await.expect("node");
-    let mut daemon = Daemon::start(cp.kubeconfig_path(), "node-a");
+    let mut daemon = Node::start(&host, cp.kubeconfig_path(), "node-a");
 
     let (_, body) = daemon.wait_readiness(Duration::from_secs(30), |code, _| code == 200);
     assert_eq!(body, "ok\n");
-    assert_eq!(
-        http_get(daemon.health, "/liveness"),
-        Ok((200, "ok\n".to_owned()))
-    );
-    assert_eq!(http_get(daemon.health, "/nope").map(|r| r.0), Ok(404));
+    assert_eq!(daemon.health("/liveness"), Ok((200, "ok\n".to_owned())));
+    assert_eq!(daemon.health("/nope").map(|r| r.0), Ok(404));
 
     let m = daemon.metrics();
     let (kind, build) = &m.families["tortie_build_info"];
@@ -362,6 +249,23 @@ async fn node_becomes_ready_after_sync_and_exits_zero_on_sigterm() {
     assert_eq!(m.value("tortie_apiserver_connected"), 1.0);
     assert_eq!(m.families["process_cpu_seconds_total"].0, "counter");
     assert!(m.value("process_cpu_seconds_total") > 0.0);
+    // The start-up steps left their marks: address published, CNI installed, MTU chosen.
+    assert_eq!(m.value("felix_cluster_num_hosts"), 1.0);
+    assert_eq!(
+        m.value("tortie_pod_mtu_bytes"),
+        m.value("tortie_host_mtu_bytes")
+    );
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(cp.client())
+        .get("node-a")
+        .await
+        .expect("node");
+    assert_eq!(
+        node.metadata.annotations.expect("annotations")["projectcalico.org/IPv4Address"],
+        format!("{}/30", host.ns_ip)
+    );
+    for file in ["bin/tortie", "bin/tortie-ipam", "net.d/10-tortie.conflist"] {
+        assert!(daemon.dir.join(file).exists(), "{file} not installed");
+    }
     let scraped_rss = m.value("process_resident_memory_bytes");
 
     // Idle footprint once connected, after start-up allocations have settled.
@@ -395,10 +299,13 @@ async fn node_becomes_ready_after_sync_and_exits_zero_on_sigterm() {
 
 #[tokio::test]
 async fn node_waits_for_rbac_then_reports_a_lost_api_server() {
-    let cp = ControlPlane::start().await.expect("control plane");
+    let host = Host::new("nd-b").expect("host");
+    let cp = ControlPlane::start_on(host.root_ip.into())
+        .await
+        .expect("control plane");
     let user = "system:serviceaccount:kube-system:tortie-test";
     let kubeconfig = cp.kubeconfig_for(user, &[]).expect("kubeconfig");
-    let mut daemon = Daemon::start(&kubeconfig, "node-b");
+    let mut daemon = Node::start(&host, &kubeconfig, "node-b");
 
     // Without permissions the daemon is up (alive) but not ready, and says why.
     let (_, reason) = daemon.wait_readiness(Duration::from_secs(30), |code, body| {
@@ -415,14 +322,19 @@ async fn node_waits_for_rbac_then_reports_a_lost_api_server() {
     ] {
         assert!(reason.contains(line), "{line:?} missing from {reason}");
     }
-    assert_eq!(http_get(daemon.health, "/liveness").map(|r| r.0), Ok(200));
+    assert_eq!(daemon.health("/liveness").map(|r| r.0), Ok(200));
     assert_eq!(daemon.metrics().value("tortie_datastore_synced"), 0.0);
     assert_eq!(daemon.metrics().value("tortie_apiserver_connected"), 0.0);
 
-    grant_read_access(&cp, user).await;
-    daemon.wait_readiness(Duration::from_secs(40), |code, _| code == 200);
+    grant_access(&cp, user).await;
+    // Synced now, but a wrong NODENAME keeps the node from establishing its identity.
+    let (_, reason) = daemon.wait_readiness(Duration::from_secs(40), |code, body| {
+        code == 503 && !body.contains("datastore") && body.contains("node identity")
+    });
+    assert!(reason.contains("node-b"), "{reason}");
     assert_eq!(daemon.metrics().value("tortie_apiserver_connected"), 1.0);
-    assert!(daemon.log().contains("does not exist (check NODENAME)"));
+    cp.create_node("node-b", &[]).await.expect("node");
+    daemon.wait_readiness(Duration::from_secs(40), |code, _| code == 200);
 
     // The API server goes away: still synced (stores keep their data), but not connected.
     drop(cp);
@@ -440,22 +352,31 @@ async fn node_waits_for_rbac_then_reports_a_lost_api_server() {
     assert!(took < EXIT_BUDGET, "took {took:?}");
 }
 
-async fn grant_read_access(cp: &ControlPlane, user: &str) {
+/// What the daemon needs: read the cluster, annotate its Node and pods, write IPAM objects,
+/// hold the leader Lease.
+async fn grant_access(cp: &ControlPlane, user: &str) {
     let name = "tortie-node-test";
-    let rule = |group: &str, resource: &str| PolicyRule {
+    let rule = |group: &str, resource: &str, verbs: &[&str]| PolicyRule {
         api_groups: Some(vec![group.to_owned()]),
         resources: Some(vec![resource.to_owned()]),
-        verbs: ["get", "list", "watch"].map(String::from).to_vec(),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
         ..Default::default()
     };
+    let read = ["get", "list", "watch"];
+    let write = [
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ];
     let role = ClusterRole {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             ..Default::default()
         },
         rules: Some(vec![
-            rule("", "nodes"),
-            rule("crd.projectcalico.org", "ippools"),
+            rule("", "nodes", &["get", "list", "watch", "patch"]),
+            rule("", "pods", &["get", "list", "watch", "patch"]),
+            rule("", "namespaces", &read),
+            rule("crd.projectcalico.org", "*", &write),
+            rule("coordination.k8s.io", "leases", &write),
         ]),
         ..Default::default()
     };
@@ -505,7 +426,8 @@ fn unreachable_api_server_keeps_readiness_503_with_the_reason() {
         ),
     )
     .expect("write kubeconfig");
-    let mut daemon = Daemon::start(&kubeconfig, "node-c");
+    let host = Host::new("nd-c").expect("host");
+    let mut daemon = Node::start(&host, &kubeconfig, "node-c");
 
     let (_, reason) = daemon.wait_readiness(Duration::from_secs(20), |code, body| {
         code == 503 && body.contains("onnect")
@@ -518,7 +440,7 @@ fn unreachable_api_server_keeps_readiness_503_with_the_reason() {
         assert_eq!(daemon.readiness().map(|r| r.0), Ok(503));
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(http_get(daemon.health, "/liveness").map(|r| r.0), Ok(200));
+    assert_eq!(daemon.health("/liveness").map(|r| r.0), Ok(200));
     assert!(
         daemon.log().matches("watch failed").count() >= 4,
         "{}",

@@ -4,7 +4,8 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// Blocks a node may own when `maxBlocksPerHost` is 0 (Calico's hard-coded default).
+/// Calico's hidden cap when `maxBlocksPerHost` is 0 or unset (a documented trap, issue
+/// #9462). tortie does not apply it: unset means no cap. Kept for messages and docs.
 pub const DEFAULT_MAX_BLOCKS_PER_HOST: u32 = 20;
 /// Name of the singleton.
 pub const IPAM_CONFIG_NAME: &str = "default";
@@ -65,10 +66,11 @@ impl Default for IPAMConfigSpec {
 }
 
 impl IPAMConfigSpec {
-    pub fn effective_max_blocks_per_host(&self) -> u32 {
+    /// The cap on blocks per node; None (no cap) when unset or 0, unlike Calico's hidden 20.
+    pub fn effective_max_blocks_per_host(&self) -> Option<u32> {
         match self.max_blocks_per_host {
-            Some(n) if n > 0 => n.unsigned_abs(),
-            _ => DEFAULT_MAX_BLOCKS_PER_HOST,
+            Some(n) if n > 0 => Some(n.unsigned_abs()),
+            _ => None,
         }
     }
 }
@@ -78,13 +80,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_max_blocks_means_twenty() {
+    fn unset_or_zero_max_blocks_means_no_cap() {
         let mut c = IPAMConfigSpec::default();
-        assert_eq!(c.effective_max_blocks_per_host(), 20);
+        assert_eq!(c.effective_max_blocks_per_host(), None);
         c.max_blocks_per_host = Some(0);
-        assert_eq!(c.effective_max_blocks_per_host(), 20);
+        assert_eq!(c.effective_max_blocks_per_host(), None);
+        c.max_blocks_per_host = Some(-3);
+        assert_eq!(c.effective_max_blocks_per_host(), None);
         c.max_blocks_per_host = Some(4);
-        assert_eq!(c.effective_max_blocks_per_host(), 4);
+        assert_eq!(c.effective_max_blocks_per_host(), Some(4));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod plumbing;
 pub mod protocol;
 pub mod result;
 pub mod server;
+pub mod service;
 pub mod version;
 
 pub use error::CniError;

@@ -91,6 +91,9 @@ pub struct TableState {
     pub chains: BTreeMap<String, Value>,
     /// Rule expressions per chain, in evaluation order.
     pub rules: BTreeMap<String, Vec<Value>>,
+    /// Objects this driver never creates (maps, flowtables, named counters, …): any of them
+    /// in the table is drift.
+    pub other: Vec<Value>,
 }
 
 /// Drives tortie's NAT table through the `nft` binary. The child inherits the calling
@@ -377,6 +380,8 @@ pub fn state_of<'a>(objects: impl Iterator<Item = &'a Value>) -> TableState {
                 .entry(string_field(rule, "chain"))
                 .or_default()
                 .push(rule_value);
+        } else if object.get("table").is_none() && object.get("metainfo").is_none() {
+            state.other.push(object.clone());
         }
     }
     state
@@ -602,6 +607,10 @@ mod tests {
         let mut extra = objects.clone();
         extra.push(rule_object(NAT_CHAIN, vec![json!({"accept": null})]));
         assert_ne!(state_of(extra.iter()), want);
+
+        let mut with_map = objects.clone();
+        with_map.push(json!({"map": {"family": FAMILY, "table": TABLE, "name": "m"}}));
+        assert_ne!(state_of(with_map.iter()), want);
 
         let mut commented = objects.clone();
         for o in commented.iter_mut() {

@@ -196,6 +196,9 @@ async fn dump(
         let Some(dst) = destination(&msg) else {
             continue;
         };
+        if is_workload_route(&msg) {
+            continue;
+        }
         let key = RouteKey { dst, table };
         let canonical = msg.header.tos == 0 && priority(&msg) == 0;
         if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
@@ -210,6 +213,22 @@ async fn dump(
         }
     }
     Ok(kernel)
+}
+
+/// A pod's host route (`<ip>/32 dev cali… proto 80`, no gateway) belongs to the CNI's
+/// plumbing, which adds and removes it with the pod. The overlay never makes a gateway-less
+/// unicast route, so it neither wants nor removes these.
+fn is_workload_route(msg: &RouteMessage) -> bool {
+    msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+        && msg.header.kind == RouteType::Unicast
+        && !msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Gateway(_)))
+        && msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Oif(_)))
 }
 
 fn table_of(msg: &RouteMessage) -> u32 {
@@ -363,6 +382,28 @@ mod tests {
         };
         let msg = build(&key("10.244.2.0/26", MAIN_TABLE), &via(false), &devices());
         assert_ne!(parse_target(&msg, &devices()), via(true));
+    }
+
+    #[test]
+    fn pod_host_routes_are_left_to_the_cni() {
+        let pod_route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::new(10, 244, 0, 5), 32)
+            .output_interface(9)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build();
+        assert!(is_workload_route(&pod_route));
+        let tunnel_route = build(
+            &key("10.244.1.0/26", 254),
+            &RouteTarget::Via {
+                gateway: Ipv4Addr::new(10, 244, 1, 0),
+                device: DeviceRef::Vxlan,
+                onlink: true,
+            },
+            &devices(),
+        );
+        assert!(!is_workload_route(&tunnel_route));
+        let blackhole = build(&key("10.244.0.0/26", 254), &RouteTarget::Blackhole, &devices());
+        assert!(!is_workload_route(&blackhole));
     }
 
     #[test]

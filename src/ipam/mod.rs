@@ -3,8 +3,11 @@
 
 pub mod block;
 pub mod cidr;
+pub mod cli;
 pub mod convert;
 mod error;
+pub mod gc;
+pub mod metrics;
 pub mod pools;
 pub mod reservations;
 pub mod search;

@@ -1,9 +1,15 @@
-//! `tortie node`: the daemon's wiring. Start-up order and the shutdown path, nothing else;
-//! each step lives in the module that owns it.
-//! Order: signals → metrics and health servers (not ready) → API client → watches → ready.
+//! `tortie node`: the daemon's wiring. Start-up order (startup.rs), the main loop and the
+//! shutdown path, nothing else; each step lives in the module that owns it.
+//! Shutdown stops the loops but leaves routes, devices and pods' plumbing in place.
 
+mod dataplane;
 pub mod identity;
+mod overlay;
+mod overlay_metrics;
 mod signals;
+pub mod snapshot;
+mod startup;
+mod tunnel;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,9 +18,12 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch as stop_channel;
 use tokio::task::JoinSet;
 
+use crate::cni::service::ServiceError;
 use crate::config::{NodeArgs, NodeConfig};
-use crate::datastore::{self, ClusterView, Datastore, DatastoreError, DatastoreStatus};
-use crate::http::{self, Condition, HttpError, Readiness};
+use crate::dataplane::DataplaneError;
+use crate::datastore::lease::LeaseError;
+use crate::datastore::{ClusterView, DatastoreError};
+use crate::http::{self, HttpError, Readiness};
 use crate::metrics::{BuildInfo, Metrics, MetricsError};
 
 /// Shutdown must finish well within the 2 s a DaemonSet rollout should wait for us.
@@ -32,6 +41,16 @@ pub enum NodeError {
     Http(#[from] HttpError),
     #[error(transparent)]
     Datastore(#[from] DatastoreError),
+    #[error("CNI: {0}")]
+    Cni(#[from] ServiceError),
+    #[error("dataplane: {0}")]
+    Dataplane(#[from] DataplaneError),
+    #[error("leader election: {0}")]
+    Lease(#[from] LeaseError),
+    #[error("the datastore's watches ended during start-up")]
+    WatchesEnded,
+    #[error("the overlay calculation produced nothing on its first pass")]
+    NoFirstCalculation,
     #[error("{server} server stopped unexpectedly")]
     ServerExited { server: &'static str },
 }
@@ -74,7 +93,7 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 
     let metrics = Metrics::new(&BuildInfo::CURRENT)?;
     let readiness = Readiness::default();
-    let datastore_ready = readiness.condition("datastore", "datastore not synced: not started");
+    let ready = startup::Conditions::new(&readiness);
     let (stop, stopped) = stop_channel::channel(false);
     let mut servers = JoinSet::new();
     let health = http::bind("health", cfg.health_listen).await?;
@@ -89,55 +108,69 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         "metrics",
         metrics_listener,
         http::metrics_router(metrics.clone()),
-        stopped,
+        stopped.clone(),
     ));
 
-    let conn = datastore::connect(&cfg.kube).await?;
-    tracing::info!(api_server = %conn.url, "watching the API server");
-    let datastore = Datastore::start(&conn);
-    let mut status = datastore.status.clone();
-    let mut checked_own_node = false;
-
-    let outcome = loop {
-        let current = status.borrow_and_update().clone();
-        report(&current, &datastore_ready, &metrics);
-        if current.synced && !checked_own_node {
-            checked_own_node = true;
-            warn_if_node_missing(&datastore.view, &cfg.node_name);
+    let started = tokio::select! {
+        started = startup::start(&cfg, &metrics, &ready, stopped) => started.map(Some),
+        signal = signals.recv() => {
+            tracing::info!(signal, "shutting down during start-up");
+            Ok(None)
         }
-        tokio::select! {
-            signal = signals.recv() => {
-                tracing::info!(signal, "shutting down");
-                break Ok(());
+        Some(exited) = servers.join_next() => Err(server_error(exited)),
+    };
+    let outcome = match started {
+        Ok(Some(running)) => {
+            tracing::info!("tortie node ready");
+            let outcome = main_loop(&cfg, &running, &mut signals, &mut servers).await;
+            let _ = stop.send(true);
+            running.drivers.stop();
+            let drained = tokio::time::timeout(SHUTDOWN_BUDGET, async {
+                running.cni.task.abort();
+                running.datastore.stop().await;
+                running.election.stopped().await;
+                while servers.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    budget_ms = SHUTDOWN_BUDGET.as_millis() as u64,
+                    "shutdown budget spent; exiting anyway"
+                );
             }
-            changed = status.changed() => {
-                if changed.is_err() {
-                    break Ok(()); // the watches are gone: only happens during shutdown
-                }
-            }
-            Some(exited) = servers.join_next() => {
-                break Err(match exited {
-                    Ok(Err(e)) => e,
-                    _ => NodeError::ServerExited { server: "HTTP" },
-                });
-            }
+            outcome
+        }
+        other => {
+            let _ = stop.send(true);
+            other.map(|_| ())
         }
     };
-
-    let _ = stop.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_BUDGET, async {
-        datastore.stop().await;
-        while servers.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            budget_ms = SHUTDOWN_BUDGET.as_millis() as u64,
-            "shutdown budget spent; exiting anyway"
-        );
-    }
     tracing::info!("tortie node stopped");
     outcome
+}
+
+/// Until a signal or a server failure.
+async fn main_loop(
+    cfg: &NodeConfig,
+    running: &startup::Running,
+    signals: &mut signals::Signals,
+    servers: &mut JoinSet<Result<(), NodeError>>,
+) -> Result<(), NodeError> {
+    warn_if_node_missing(&running.datastore.view, &cfg.node_name);
+    tokio::select! {
+        signal = signals.recv() => {
+            tracing::info!(signal, "shutting down");
+            Ok(())
+        }
+        Some(exited) = servers.join_next() => Err(server_error(exited)),
+    }
+}
+
+fn server_error(exited: Result<Result<(), NodeError>, tokio::task::JoinError>) -> NodeError {
+    match exited {
+        Ok(Err(e)) => e,
+        _ => NodeError::ServerExited { server: "HTTP" },
+    }
 }
 
 /// One HTTP server until `stopped` turns true; an early end is an error for the main loop.
@@ -152,21 +185,6 @@ async fn serve(
     };
     http::serve(server, listener, router, shutdown).await?;
     Ok(())
-}
-
-fn report(status: &DatastoreStatus, ready: &Condition, metrics: &Metrics) {
-    metrics.apiserver_connected.set(i64::from(status.connected));
-    metrics.datastore_synced.set(i64::from(status.synced));
-    match &status.problem {
-        None => {
-            tracing::info!("datastore synced");
-            ready.set_ready();
-        }
-        Some(problem) => {
-            tracing::info!(reason = %problem, "not ready");
-            ready.set_not_ready(problem.clone());
-        }
-    }
 }
 
 /// A wrong NODENAME is a common mistake; say so early instead of failing later in IPAM.

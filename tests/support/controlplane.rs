@@ -24,6 +24,7 @@ const DIR_PREFIX: &str = "tortie-cp-";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const CRD_TIMEOUT: Duration = Duration::from_secs(30);
 const START_ATTEMPTS: usize = 3;
+const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// etcd + kube-apiserver for one test; both are stopped and their files removed on Drop.
 pub struct ControlPlane {
@@ -52,16 +53,23 @@ impl std::fmt::Debug for ControlPlane {
 impl ControlPlane {
     /// Starts etcd and kube-apiserver, waits for /readyz, installs the CRDs in manifests/crds.
     pub async fn start() -> anyhow::Result<ControlPlane> {
-        Self::start_with(true).await
+        Self::start_with(true, LOOPBACK).await
+    }
+
+    /// Like `start`, with kube-apiserver listening on `bind` (in its serving certificate's
+    /// SANs) instead of loopback, so that processes in test namespaces can reach it through a
+    /// veth to the root namespace. `bind` must already be assigned (a 198.18.0.0/15 address).
+    pub async fn start_on(bind: std::net::IpAddr) -> anyhow::Result<ControlPlane> {
+        Self::start_with(true, bind).await
     }
 
     /// Like `start`, without installing the repo's CRDs (for tests of the harness itself or
     /// of built-in resources only).
     pub async fn start_bare() -> anyhow::Result<ControlPlane> {
-        Self::start_with(false).await
+        Self::start_with(false, LOOPBACK).await
     }
 
-    async fn start_with(crds: bool) -> anyhow::Result<ControlPlane> {
+    async fn start_with(crds: bool, bind: std::net::IpAddr) -> anyhow::Result<ControlPlane> {
         let t0 = Instant::now();
         static REAP: Once = Once::new();
         REAP.call_once(|| {
@@ -74,7 +82,7 @@ impl ControlPlane {
             .context("bin_dir task")??;
         let mut attempt = 1;
         let mut cp = loop {
-            match Self::start_once(bin, t0).await {
+            match Self::start_once(bin, t0, bind).await {
                 Ok(cp) => break cp,
                 // Free ports are picked then released: another process may grab one first.
                 Err(e)
@@ -101,21 +109,26 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    async fn start_once(bin: &Path, t0: Instant) -> anyhow::Result<ControlPlane> {
+    async fn start_once(
+        bin: &Path,
+        t0: Instant,
+        bind: std::net::IpAddr,
+    ) -> anyhow::Result<ControlPlane> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
             .tempdir()
             .context("create control-plane temp dir")?;
         let d = dir.path();
         let [etcd_port, peer_port, api_port] = free_ports()?;
-        let url = format!("https://127.0.0.1:{api_port}");
+        let url = format!("https://{bind}:{api_port}");
+        let bind_text = bind.to_string();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
 
         let ca = new_ca()?;
         let ca_pem = ca.pem();
         let (serving_cert, serving_key) = leaf(
             &ca,
-            &["127.0.0.1", "localhost"],
+            &["127.0.0.1", "localhost", &bind_text],
             "kube-apiserver",
             &[],
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -160,7 +173,7 @@ impl ControlPlane {
         let mut api_cmd = Command::new(bin.join("kube-apiserver"));
         api_cmd
             .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--bind-address={bind}"))
             .arg(format!("--secure-port={api_port}"))
             .arg(format!("--cert-dir={}", p("certs")))
             .arg(format!("--tls-cert-file={}", p("serving.crt")))

@@ -91,13 +91,27 @@ impl CniDaemon {
                 .await;
         }
 
+        let t0 = std::time::Instant::now();
         let info = pod::lookup(&self.client, t.namespace, t.pod).await?;
+        let t1 = std::time::Instant::now();
         let addrs = self.allocate(&handle, &t, &info, &opts).await?;
+        let t2 = std::time::Instant::now();
         match self
             .finish_add(request, &t, netns.as_ref(), &addrs, mtu)
             .await
         {
-            Ok(result) => Ok(result),
+            Ok(result) => {
+                let ms =
+                    |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
+                tracing::debug!(
+                    container = t.container,
+                    lookup_ms = ms(t0, t1),
+                    ipam_ms = ms(t1, t2),
+                    plumb_and_annotate_ms = ms(t2, std::time::Instant::now()),
+                    "ADD phases"
+                );
+                Ok(result)
+            }
             Err(e) => {
                 if let Err(undo) = self.ipam.release_by_handle(&handle).await {
                     tracing::warn!(handle, error = %undo, "could not release the addresses of a failed ADD");

@@ -4,7 +4,7 @@
 
 mod add;
 mod locks;
-mod options;
+pub mod options;
 mod pod;
 mod teardown;
 

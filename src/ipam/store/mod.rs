@@ -17,7 +17,10 @@
 //! error, the writer re-reads, and at worst the addresses leak under the callers' handles.
 
 mod claim;
+mod cleanup;
 mod handle;
+pub mod release;
+mod stats;
 mod view;
 mod writer;
 
@@ -30,6 +33,7 @@ use chrono::Utc;
 use ipnet::IpNet;
 use kube::{Api, Client};
 
+pub use stats::Activity;
 pub use view::{CachedBlock, View};
 pub use writer::WriteStats;
 
@@ -131,6 +135,7 @@ pub struct Ipam {
     affinities: Api<BlockAffinity>,
     handles: Api<IPAMHandle>,
     stats: Arc<WriteStats>,
+    activity: Activity,
     claim_lock: tokio::sync::Mutex<()>,
 }
 
@@ -159,6 +164,7 @@ impl Ipam {
             affinities: Api::all(client.clone()),
             handles: Api::all(client),
             stats,
+            activity: Activity::default(),
             claim_lock: tokio::sync::Mutex::new(()),
         };
         ipam.claimer().confirm_own_blocks().await;
@@ -173,6 +179,11 @@ impl Ipam {
     /// fewer writes than operations).
     pub fn stats(&self) -> &WriteStats {
         &self.stats
+    }
+
+    /// Claims, borrows, releases and allocation latency of this allocator.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Runs `f` over the current view (blocks, pools, config) without holding it across I/O.
@@ -192,6 +203,7 @@ impl Ipam {
     /// Allocates one address per requested family. Returns host prefixes (/32, /128). On any
     /// failure nothing stays allocated under the handle for this call.
     pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<IpNet>, IpamError> {
+        let _timer = self.activity.assign_seconds.start_timer();
         let owner = Owner {
             handle_id: req.handle.clone(),
             attrs: req.attrs.clone(),
@@ -238,9 +250,14 @@ impl Ipam {
                     if require.is_none() {
                         tracing::info!(block = %cidr, handle = %req.handle, "borrowing an address from another node's block");
                     }
+                    let borrowing = require.is_none();
                     match self.writers.assign(cidr, 1, owner.clone(), require).await {
                         Ok(addrs) => {
                             if let Some(a) = addrs.first() {
+                                self.activity.used(cidr);
+                                if borrowing {
+                                    Activity::add(&self.activity.borrows, 1);
+                                }
                                 return Ok((cidr, *a));
                             }
                             skip.push(cidr);
@@ -253,11 +270,10 @@ impl Ipam {
                         Err(e) => return Err(e),
                     }
                 }
-                Step::Claim { cidr, .. } => {
-                    if self.claimer().claim(cidr, Utc::now()).await? == Claim::Lost {
-                        skip.push(cidr);
-                    }
-                }
+                Step::Claim { cidr, .. } => match self.claimer().claim(cidr, Utc::now()).await? {
+                    Claim::Lost => skip.push(cidr),
+                    Claim::Ours => Activity::add(&self.activity.claims, 1),
+                },
                 Step::Reclaim {
                     cidr,
                     from,
@@ -267,8 +283,9 @@ impl Ipam {
                         .claimer()
                         .reclaim(cidr, from.as_deref(), sequence_number, Utc::now())
                         .await?;
-                    if claimed == Claim::Lost {
-                        skip.push(cidr);
+                    match claimed {
+                        Claim::Lost => skip.push(cidr),
+                        Claim::Ours => Activity::add(&self.activity.claims, 1),
                     }
                 }
             }
@@ -335,7 +352,9 @@ impl Ipam {
             })?;
             match holder {
                 None => {
-                    self.claimer().claim(cidr, Utc::now()).await?;
+                    if self.claimer().claim(cidr, Utc::now()).await? == Claim::Ours {
+                        Activity::add(&self.activity.claims, 1);
+                    }
                     continue;
                 }
                 Some((host, affine))
@@ -439,6 +458,7 @@ impl Ipam {
             released.extend(r?);
         }
         handle::delete(&self.handles, handle).await?;
+        Activity::add(&self.activity.releases, released.len());
         if !released.is_empty() {
             tracing::info!(handle, addresses = ?released, "released addresses");
         }

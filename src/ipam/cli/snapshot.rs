@@ -1,0 +1,236 @@
+//! One consistent-enough read of the cluster's IPAM state for the operator commands: a LIST of
+//! each kind, parsed once. `show`, `check` and `release` are pure functions over a Snapshot.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+
+use super::CliError;
+use crate::api::IPPool;
+use crate::api::blockaffinity::{BlockAffinity, BlockAffinitySpec};
+use crate::api::ipamblock::IPAMBlock;
+use crate::api::ipamconfig::{IPAM_CONFIG_NAME, IPAMConfig};
+use crate::api::ipamhandle::IPAMHandle;
+use crate::ipam::block::{Attribute, Block, DEFAULT_COOLDOWN};
+use crate::ipam::cidr::ordinal_of;
+use crate::ipam::convert::{block_from_spec, time_to_chrono};
+use crate::ipam::pools::Pool;
+
+/// Attribute keys Calico's CNI plugin (and ours) records with a pod's allocation.
+pub const ATTR_NAMESPACE: &str = "namespace";
+pub const ATTR_POD: &str = "pod";
+pub const ATTR_NODE: &str = "node";
+pub const ATTR_TYPE: &str = "type";
+/// Same key the CNI handlers record the pod UID under (`cni::handlers` keeps it private).
+pub const ATTR_POD_UID: &str = "pod-uid";
+
+/// A block as read: parsed when it is consistent, the reason when it is not.
+#[derive(Debug, Clone)]
+pub struct SnapBlock {
+    pub cidr: IpNet,
+    pub affinity: Option<String>,
+    pub parsed: Result<Block, String>,
+}
+
+impl SnapBlock {
+    pub fn host(&self) -> Option<&str> {
+        self.affinity.as_deref()?.strip_prefix("host:")
+    }
+}
+
+/// A handle object: its ID and per-block counts (CIDR strings as stored).
+#[derive(Debug, Clone)]
+pub struct SnapHandle {
+    pub handle_id: String,
+    pub block: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapAffinity {
+    pub name: String,
+    pub spec: BlockAffinitySpec,
+    pub created: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub pools: Vec<Pool>,
+    /// IPPools that cannot be parsed: (name, reason).
+    pub invalid_pools: Vec<(String, String)>,
+    pub blocks: Vec<SnapBlock>,
+    pub handles: Vec<SnapHandle>,
+    pub affinities: Vec<SnapAffinity>,
+    /// (namespace, name) → pod UID; None when pods were not read.
+    pub pods: Option<BTreeMap<(String, String), String>>,
+    pub cooldown: chrono::TimeDelta,
+}
+
+/// Who holds one address.
+#[derive(Debug, Clone)]
+pub struct Holding<'a> {
+    pub block: &'a SnapBlock,
+    pub attr: &'a Attribute,
+}
+
+impl Snapshot {
+    /// Lists every kind once; pods only when `with_pods` (check and release need them).
+    pub async fn load(client: &Client, with_pods: bool) -> Result<Snapshot, CliError> {
+        let lp = ListParams::default();
+        let list_err = |kind: &'static str| move |source| CliError::List { kind, source };
+        let pools = Api::<IPPool>::all(client.clone())
+            .list(&lp)
+            .await
+            .map_err(list_err("ippools"))?;
+        let blocks = Api::<IPAMBlock>::all(client.clone())
+            .list(&lp)
+            .await
+            .map_err(list_err("ipamblocks"))?;
+        let handles = Api::<IPAMHandle>::all(client.clone())
+            .list(&lp)
+            .await
+            .map_err(list_err("ipamhandles"))?;
+        let affinities = Api::<BlockAffinity>::all(client.clone())
+            .list(&lp)
+            .await
+            .map_err(list_err("blockaffinities"))?;
+        let config = Api::<IPAMConfig>::all(client.clone())
+            .get_opt(IPAM_CONFIG_NAME)
+            .await
+            .map_err(list_err("ipamconfigs"))?;
+        let pods = if with_pods {
+            let pods = Api::<Pod>::all(client.clone())
+                .list(&lp)
+                .await
+                .map_err(list_err("pods"))?;
+            Some(
+                pods.items
+                    .iter()
+                    .map(|p| {
+                        let key = (p.namespace().unwrap_or_default(), p.name_any());
+                        (key, p.uid().unwrap_or_default())
+                    })
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        let mut snap = Snapshot::from_objects(
+            &pools.items,
+            &blocks.items,
+            &handles.items,
+            &affinities.items,
+        );
+        snap.pods = pods;
+        if let Some(s) = config.and_then(|c| c.spec.ip_cooldown_seconds) {
+            snap.cooldown = chrono::TimeDelta::seconds(i64::from(s.max(0)));
+        }
+        Ok(snap)
+    }
+
+    /// Parses listed objects; soft-deleted blocks, handles and affinities count as absent.
+    pub fn from_objects(
+        pools: &[IPPool],
+        blocks: &[IPAMBlock],
+        handles: &[IPAMHandle],
+        affinities: &[BlockAffinity],
+    ) -> Snapshot {
+        let mut snap = Snapshot {
+            cooldown: DEFAULT_COOLDOWN,
+            ..Snapshot::default()
+        };
+        for p in pools {
+            match Pool::from_ippool(p) {
+                Ok(pool) => snap.pools.push(pool),
+                Err(e) => snap.invalid_pools.push((p.name_any(), e.to_string())),
+            }
+        }
+        snap.pools
+            .sort_by(|a, b| (a.family(), &a.name).cmp(&(b.family(), &b.name)));
+        for b in blocks.iter().filter(|b| !b.spec.deleted) {
+            let parsed = block_from_spec(&b.spec).map_err(|e| e.to_string());
+            let cidr = match (&parsed, b.spec.cidr_net()) {
+                (Ok(blk), _) => blk.cidr,
+                (Err(_), Ok(c)) => c,
+                // Unreadable CIDR: `check` reports it via the name; nothing else can use it.
+                (Err(reason), Err(_)) => {
+                    snap.blocks.push(SnapBlock {
+                        cidr: IpNet::default(),
+                        affinity: b.spec.affinity.clone(),
+                        parsed: Err(format!("{} ({reason})", b.name_any())),
+                    });
+                    continue;
+                }
+            };
+            snap.blocks.push(SnapBlock {
+                cidr,
+                affinity: b.spec.affinity.clone(),
+                parsed,
+            });
+        }
+        snap.blocks.sort_by_key(|b| b.cidr);
+        snap.handles = handles
+            .iter()
+            .filter(|h| !h.spec.deleted)
+            .map(|h| SnapHandle {
+                handle_id: h.spec.handle_id.clone(),
+                block: h.spec.block.clone(),
+            })
+            .collect();
+        snap.affinities = affinities
+            .iter()
+            .filter(|a| !a.spec.is_deleted())
+            .map(|a| SnapAffinity {
+                name: a.name_any(),
+                spec: a.spec.clone(),
+                created: a
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .and_then(time_to_chrono),
+            })
+            .collect();
+        snap
+    }
+
+    pub fn pool_of(&self, net: &IpNet) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.cidr.contains(net))
+    }
+
+    pub fn pool_of_addr(&self, addr: IpAddr) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.cidr.contains(&addr))
+    }
+
+    /// Every block holding `addr` (more than one only when blocks overlap, itself a problem).
+    pub fn holders(&self, addr: IpAddr) -> Vec<Holding<'_>> {
+        self.blocks
+            .iter()
+            .filter(|b| b.cidr.contains(&addr))
+            .filter_map(|b| {
+                let blk = b.parsed.as_ref().ok()?;
+                ordinal_of(&blk.cidr, addr)?;
+                Some(Holding {
+                    block: b,
+                    attr: blk.holder(addr)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Test helper shared by the pure modules' unit tests: IPPool objects from (name, cidr, size).
+#[cfg(test)]
+pub fn test_pool(name: &str, cidr: &str, block_size: i32) -> IPPool {
+    IPPool::new(
+        name,
+        crate::api::IPPoolSpec {
+            cidr: cidr.into(),
+            block_size: Some(block_size),
+            ..Default::default()
+        },
+    )
+}

@@ -1,0 +1,130 @@
+//! The drivers as the daemon runs them: the overlay converge loop (kernel monitor plus
+//! periodic resync) and the NAT table on the same interval, each reporting its first
+//! outcome for readiness and every outcome to the metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::overlay_metrics::OverlayMetrics;
+use crate::calc::DesiredDataplane;
+use crate::calc::nat::NatModel;
+use crate::dataplane::monitor::Monitor;
+use crate::dataplane::nft::{NatTable, Outcome};
+use crate::dataplane::resync::{self, ResyncConfig, Trigger};
+use crate::dataplane::{ApplyReport, DataplaneError, Kernel};
+
+/// None until the first pass; then whether the latest pass worked, and why not.
+pub type FirstOutcome = watch::Receiver<Option<Result<(), String>>>;
+
+pub struct Drivers {
+    overlay: JoinHandle<()>,
+    nat: JoinHandle<()>,
+    pub overlay_outcome: FirstOutcome,
+    pub nat_outcome: FirstOutcome,
+}
+
+impl Drivers {
+    pub fn start(
+        kernel: Kernel,
+        desired: watch::Receiver<Arc<DesiredDataplane>>,
+        nat: watch::Receiver<NatModel>,
+        interval: Duration,
+        metrics: OverlayMetrics,
+        ipip_missing: Arc<AtomicBool>,
+    ) -> Drivers {
+        let monitor = match Monitor::new() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "no kernel monitor; drift is repaired by the periodic resync only");
+                None
+            }
+        };
+        let (overlay_tx, overlay_outcome) = watch::channel(None);
+        let cfg = ResyncConfig {
+            interval,
+            ..ResyncConfig::default()
+        };
+        let report = move |trigger: Trigger, outcome: &Result<ApplyReport, DataplaneError>| {
+            let result = match outcome {
+                Ok(r) => {
+                    metrics.apply_seconds.observe(r.duration.as_secs_f64());
+                    let changes = r.total().changes();
+                    if trigger != Trigger::Desired && changes > 0 {
+                        metrics.drift_repairs.inc_by(changes as u64);
+                    }
+                    if r.degraded
+                        .iter()
+                        .any(|e| matches!(e, DataplaneError::MissingKernelFeature { .. }))
+                    {
+                        ipip_missing.store(true, Ordering::Relaxed);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            overlay_tx.send_replace(Some(result));
+        };
+        let overlay = tokio::spawn(resync::run(kernel, monitor, desired, cfg, report));
+        let (nat_tx, nat_outcome) = watch::channel(None);
+        let nat = tokio::spawn(run_nat(nat, interval, nat_tx));
+        Drivers {
+            overlay,
+            nat,
+            overlay_outcome,
+            nat_outcome,
+        }
+    }
+
+    /// Stops the loops and leaves the kernel as it is: a restart must not cut pods off.
+    pub fn stop(&self) {
+        self.overlay.abort();
+        self.nat.abort();
+    }
+}
+
+/// Reconciles tortie's NAT table when the model changes and on every resync.
+async fn run_nat(
+    mut model: watch::Receiver<NatModel>,
+    interval: Duration,
+    outcome: watch::Sender<Option<Result<(), String>>>,
+) {
+    let mut table = NatTable::new();
+    loop {
+        let want = model.borrow_and_update().clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = table.reconcile(&want);
+            (table, r)
+        })
+        .await;
+        let result = match joined {
+            Ok((t, r)) => {
+                table = t;
+                match r {
+                    Ok(Outcome::Repaired) => {
+                        tracing::info!("repaired drift in the NAT table");
+                        Ok(())
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NAT table reconcile failed; retrying at the next resync");
+                        Err(e.to_string())
+                    }
+                }
+            }
+            // The blocking task panicked: start over with a fresh driver state.
+            Err(e) => {
+                table = NatTable::new();
+                Err(format!("NAT reconcile task failed: {e}"))
+            }
+        };
+        outcome.send_replace(Some(result));
+        tokio::select! {
+            changed = model.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The overlay's reaction to the cluster: reads the datastore's stores and the IPAM view,
+//! keeps this node's tunnel addresses allocated and published, recalculates the desired
+//! dataplane and NAT model, and hands them to the drivers when they change.
+//!
+//! The stores are polled in memory every `POLL` (no API traffic): that is the debounce — a
+//! burst of watch events costs one recalculation, and an unchanged snapshot costs none.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net};
+use tokio::sync::watch;
+
+use super::overlay_metrics::OverlayMetrics;
+use super::snapshot::{self, LocalNode};
+use super::tunnel::{self, Publisher};
+use crate::calc::nat::{NatModel, NatSettings, desired_nat};
+use crate::calc::{ClusterView as CalcView, DesiredDataplane, OverlayConfig, desired_dataplane};
+use crate::datastore::ClusterView;
+use crate::ipam::{Ipam, TunnelKind};
+
+const POLL: Duration = Duration::from_millis(200);
+
+/// What the drivers are asked to converge to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wanted {
+    pub dataplane: Arc<DesiredDataplane>,
+    pub nat: NatModel,
+}
+
+pub struct Overlay {
+    pub view: ClusterView,
+    pub ipam: Arc<Ipam>,
+    pub publisher: Publisher,
+    pub local_ip: Option<Ipv4Net>,
+    pub config: OverlayConfig,
+    pub metrics: OverlayMetrics,
+    /// Set by the dataplane once the kernel turned IPIP down: tunl0 is no longer asked for,
+    /// so the missing module is reported once and not on every pass.
+    pub ipip_missing: Arc<AtomicBool>,
+    last: Option<(CalcView, bool)>,
+}
+
+impl Overlay {
+    pub fn new(
+        view: ClusterView,
+        ipam: Arc<Ipam>,
+        publisher: Publisher,
+        local_ip: Option<IpNet>,
+        config: OverlayConfig,
+        metrics: OverlayMetrics,
+    ) -> Overlay {
+        let local_ip = match local_ip {
+            Some(IpNet::V4(n)) => Some(n),
+            _ => None,
+        };
+        Overlay {
+            view,
+            ipam,
+            publisher,
+            local_ip,
+            config,
+            metrics,
+            ipip_missing: Arc::new(AtomicBool::new(false)),
+            last: None,
+        }
+    }
+
+    /// The current snapshot; allocates and publishes tunnel addresses the pools call for.
+    /// A failed allocation is logged and retried on the next pass.
+    pub async fn snapshot(&mut self) -> CalcView {
+        let node = self.ipam.node().to_owned();
+        let nodes = self.view.nodes.state();
+        let pools = self.view.ip_pools.state();
+        let mut local = LocalNode {
+            name: node.clone(),
+            ip: self.local_ip,
+            ..LocalNode::default()
+        };
+        let probe = snapshot::cluster_view(&local, &nodes, &pools, &[]);
+        let published = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node.as_str()))
+            .and_then(|n| n.metadata.annotations.clone())
+            .unwrap_or_default();
+        let wants = [
+            (TunnelKind::Vxlan, probe.vxlan_enabled()),
+            (TunnelKind::Ipip, probe.ipip_enabled()),
+        ];
+        for (kind, wanted) in wants {
+            let addr = if wanted {
+                let current = published
+                    .get(tunnel::annotation_key(kind))
+                    .and_then(|v| snapshot::parse_tunnel_addr(v));
+                match self.publisher.ensure(&self.ipam, kind, current).await {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tunnel address not ready; retrying");
+                        tunnel::held(&self.ipam, kind)
+                    }
+                }
+            } else {
+                None
+            };
+            match kind {
+                TunnelKind::Vxlan => local.vxlan_tunnel_addr = addr,
+                TunnelKind::Ipip => local.ipip_tunnel_addr = addr,
+            }
+        }
+        self.ipam.with_view(|v| {
+            let blocks: Vec<_> = v.blocks.values().map(|c| &c.block).collect();
+            snapshot::cluster_view(&local, &nodes, &pools, &blocks)
+        })
+    }
+
+    /// The snapshot the last calculation used.
+    pub fn last_view(&self) -> Option<&CalcView> {
+        self.last.as_ref().map(|(v, _)| v)
+    }
+
+    /// Recalculates from the snapshot; None when nothing the calculation reads changed.
+    pub async fn recalculate(&mut self) -> Option<Wanted> {
+        let view = self.snapshot().await;
+        let ipip_missing = self.ipip_missing.load(Ordering::Relaxed);
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|(v, m)| *v == view && *m == ipip_missing)
+        {
+            return None;
+        }
+        let mut dataplane = desired_dataplane(&view, &self.config);
+        if ipip_missing {
+            dataplane.ipip = None;
+        }
+        let nat = desired_nat(
+            &snapshot::nat_pools(&self.view.ip_pools.state()),
+            NatSettings {
+                vxlan_port: self.config.vxlan_port,
+                vxlan_enabled: view.vxlan_enabled(),
+            },
+        );
+        self.metrics
+            .hosts
+            .set(i64::try_from(view.nodes.len()).unwrap_or(i64::MAX));
+        self.metrics.set_routes(&dataplane.routes_by_kind());
+        tracing::debug!(
+            nodes = view.nodes.len(),
+            blocks = view.blocks.len(),
+            borrowed = view.borrowed.len(),
+            routes = dataplane.routes.len(),
+            "overlay recalculated"
+        );
+        self.last = Some((view, ipip_missing));
+        Some(Wanted {
+            dataplane: Arc::new(dataplane),
+            nat,
+        })
+    }
+
+    /// Runs until `stopped` turns true, handing each changed part to its driver.
+    pub async fn run(
+        mut self,
+        dataplane: watch::Sender<Arc<DesiredDataplane>>,
+        nat: watch::Sender<NatModel>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+            if let Some(w) = self.recalculate().await {
+                publish(&dataplane, w.dataplane);
+                publish(&nat, w.nat);
+            }
+        }
+    }
+}
+
+/// Sends only a value that differs, so one driver is not woken by the other's change.
+fn publish<T: PartialEq>(tx: &watch::Sender<T>, value: T) {
+    tx.send_if_modified(|current| {
+        let changed = *current != value;
+        if changed {
+            *current = value;
+        }
+        changed
+    });
+}
