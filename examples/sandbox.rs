@@ -80,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The harness polls /readyz while the API server starts; kube logs each 500.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -118,8 +119,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn stop_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(t) => t,
         Err(_) => return std::future::pending().await,
     };
@@ -136,7 +136,8 @@ fn down(dir: &std::path::Path) -> anyhow::Result<bool> {
         println!("no sandbox state in {}: nothing to remove", file.display());
         return Ok(false);
     };
-    if st.owner != std::process::id() && std::path::Path::new(&format!("/proc/{}", st.owner)).exists()
+    if st.owner != std::process::id()
+        && std::path::Path::new(&format!("/proc/{}", st.owner)).exists()
     {
         bail!(
             "the sandbox's `up` (pid {}) is still running: stop it with Ctrl-C (or kill {})",
@@ -151,8 +152,8 @@ fn down(dir: &std::path::Path) -> anyhow::Result<bool> {
 }
 
 async fn up(tortie: PathBuf, nodes: u8, dir: PathBuf, api_port: u16) -> anyhow::Result<()> {
-    if nodes == 0 {
-        bail!("--nodes must be at least 1");
+    if !(1..=200).contains(&nodes) {
+        bail!("--nodes {nodes}: give 1 to 200 (node IPs are 198.18.x.11 and up)");
     }
     if down(&dir)? {
         println!("(removed the leftovers of an earlier sandbox above)");
@@ -171,12 +172,15 @@ async fn up(tortie: PathBuf, nodes: u8, dir: PathBuf, api_port: u16) -> anyhow::
         "  kubectl:     KUBECONFIG={} kubectl get pods -A -o wide",
         l.kubeconfig().display()
     );
-    for n in &l.nodes {
+    for (i, n) in l.nodes.iter().enumerate() {
+        let pid = |g: Option<&support::process::Guarded>| g.map_or(0, |g| g.pid());
         println!(
-            "  node {:<15} netns {:<14} ip {:<12} logs {}/{{tortie,agent}}.log",
+            "  node {:<15} netns {:<11} ip {:<12} tortie node pid {:<7} agent pid {:<7} logs {}/{{tortie,agent}}.log",
             n.name,
             n.netns,
             n.ip,
+            pid(sb.nodes.get(i)),
+            pid(sb.agents.get(i)),
             n.dir.display()
         );
     }
@@ -202,8 +206,12 @@ async fn up(tortie: PathBuf, nodes: u8, dir: PathBuf, api_port: u16) -> anyhow::
 }
 
 async fn demo(dir: &std::path::Path, keep: bool) -> anyhow::Result<()> {
-    let st = state::load(&dir.join("state.json"))?
-        .with_context(|| format!("no sandbox in {}: run `scripts/run.sh` first", dir.display()))?;
+    let st = state::load(&dir.join("state.json"))?.with_context(|| {
+        format!(
+            "no sandbox in {}: run `scripts/run.sh` first",
+            dir.display()
+        )
+    })?;
     let layout = st.layout.context("the state file has no layout")?;
     let client = client_from(&layout.kubeconfig()).await?;
     let ns = "default";
@@ -219,7 +227,10 @@ async fn demo(dir: &std::path::Path, keep: bool) -> anyhow::Result<()> {
         println!("pod {name:<8} on {:<15} ip {ip}", node.name);
         ips.push(IpAddr::V4(ip));
     }
-    println!("\n{:<8} {:<8} {:>5} {:>12}", "from", "to", "ping", "tcp (src)");
+    println!(
+        "\n{:<8} {:<8} {:>5} {:>12}",
+        "from", "to", "ping", "tcp (src)"
+    );
     for (i, (from, _)) in pods_up.iter().enumerate() {
         let from_ns = pods::pod_netns(&layout, ns, from);
         for (j, (to, _)) in pods_up.iter().enumerate() {
@@ -230,9 +241,13 @@ async fn demo(dir: &std::path::Path, keep: bool) -> anyhow::Result<()> {
             let ping = pods::ping_until(&from_ns, ips[j], &[], Duration::from_secs(20)).await;
             let tcp = pods::tcp_exchange(&to_ns, ips[j], &from_ns)
                 .map_or_else(|e| format!("fail: {e:#}"), |src| src.to_string());
-            println!("{from:<8} {to:<8} {:>5} {tcp:>12}", if ping { "ok" } else { "FAIL" });
+            println!(
+                "{from:<8} {to:<8} {:>5} {tcp:>12}",
+                if ping { "ok" } else { "FAIL" }
+            );
         }
-        let ping = pods::ping_until(&from_ns, IpAddr::V4(INET_IP), &[], Duration::from_secs(10)).await;
+        let ping =
+            pods::ping_until(&from_ns, IpAddr::V4(INET_IP), &[], Duration::from_secs(10)).await;
         let tcp = pods::tcp_exchange(&layout.inet_ns, IpAddr::V4(INET_IP), &from_ns)
             .map_or_else(|e| format!("fail: {e:#}"), |src| src.to_string());
         println!(

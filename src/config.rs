@@ -56,6 +56,11 @@ pub struct NodeArgs {
     #[arg(long, env = "TORTIE_LEASE_NAMESPACE", default_value = lease::DEFAULT_NAMESPACE)]
     pub lease_namespace: String,
 
+    /// Seconds an address must stay leaked (no pod holds it) before the leader's GC releases
+    /// it; also how long an empty block stays with its node (Calico's leakGracePeriod, 15 min).
+    #[arg(long, env = "TORTIE_IPAM_GC_GRACE", default_value_t = 900)]
+    pub ipam_gc_grace: u64,
+
     #[command(flatten)]
     pub cni: CniNodeArgs,
 }
@@ -80,6 +85,7 @@ pub struct NodeConfig {
     pub resync_interval: Duration,
     pub checksum_offload_broken: Option<bool>,
     pub lease_namespace: String,
+    pub ipam_gc_grace: Duration,
     pub cni: CniNodeArgs,
 }
 
@@ -151,6 +157,7 @@ impl NodeConfig {
             resync_interval: Duration::from_secs(args.resync_interval),
             checksum_offload_broken: args.checksum_offload_broken,
             lease_namespace: args.lease_namespace,
+            ipam_gc_grace: Duration::from_secs(args.ipam_gc_grace),
             cni: args.cni,
         })
     }
@@ -292,6 +299,7 @@ mod tests {
         assert_eq!(cfg.resync_interval, Duration::from_secs(90));
         assert_eq!(cfg.checksum_offload_broken, None);
         assert_eq!(cfg.lease_namespace, lease::DEFAULT_NAMESPACE);
+        assert_eq!(cfg.ipam_gc_grace, Duration::from_secs(15 * 60));
         assert_eq!(
             cfg.cni.cni_socket,
             PathBuf::from("/var/run/tortie/cni.sock")

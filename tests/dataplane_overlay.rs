@@ -778,14 +778,20 @@ async fn the_periodic_resync_repairs_drift_without_a_monitor() -> Result<()> {
 }
 
 /// TX checksum offload of `dev` as the kernel reports it, read by an independent tool
-/// (python's ioctl, ETHTOOL_GTXCSUM), not by tortie's own code.
+/// (`ethtool -k`, the aggregate `tx-checksumming` line), not by tortie's own ioctl code.
 fn tx_checksum_offload(ns: &NetNs, dev: &str) -> Result<bool> {
-    const SCRIPT: &str = "import array,fcntl,socket,struct,sys\n\
-        v=array.array('I',[0x16,0]);a,_=v.buffer_info()\n\
-        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-        fcntl.ioctl(s.fileno(),0x8946,struct.pack('16sP',sys.argv[1].encode(),a)+bytes(16))\n\
-        print(v[1])\n";
-    Ok(ns.exec_ok(&["python3", "-c", SCRIPT, dev])?.trim() == "1")
+    let out = ns.exec_ok(&["ethtool", "-k", dev])?;
+    let state = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tx-checksumming:"))
+        .map(|v| v.split_whitespace().next().unwrap_or_default().to_owned());
+    match state.as_deref() {
+        Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        other => {
+            bail!("no tx-checksumming on|off for {dev} in ethtool -k ({other:?}):\n{out}")
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -348,6 +348,55 @@ async fn show_check_and_release_tell_the_truth_about_a_multi_node_state() -> any
     assert_eq!(check.code, 0, "{}", check.stdout);
     assert!(check.stdout.contains("IPAM blocks record 44 allocations."));
 
+    // Two addresses of one handle in one block: releasing one leaves the other and a count of 1.
+    let multi = pod_handle("c-multi");
+    let gone_pod = BTreeMap::from([
+        ("node".to_string(), "node-2".to_string()),
+        ("namespace".to_string(), "default".to_string()),
+        ("pod".to_string(), "never-created".to_string()),
+    ]);
+    let (m1, m2): (IpAddr, IpAddr) = ("10.30.0.60".parse()?, "10.30.0.61".parse()?);
+    for a in [m1, m2] {
+        ipam2
+            .assign_ip(
+                a,
+                &multi,
+                gone_pod.clone(),
+                tortie::api::AllowedUse::Workload,
+            )
+            .await?;
+    }
+    let block_of_m = "10.30.0.48/28".to_string();
+    let h = handles.get(&handle_object_name(&multi)).await?;
+    assert_eq!(h.spec.block, BTreeMap::from([(block_of_m.clone(), 2)]));
+    assert_eq!(tortie(&cp, &["release", "--ip", &m1.to_string()]).code, 0);
+    let h = handles.get(&handle_object_name(&multi)).await?;
+    assert_eq!(h.spec.block, BTreeMap::from([(block_of_m, 1)]));
+    assert!(
+        tortie(&cp, &["show", "--ip", &m2.to_string()])
+            .stdout
+            .contains("Handle ID: k8s-pod-network.c-multi")
+    );
+    let check = tortie(&cp, &["check"]);
+    assert!(
+        check.stdout.contains("found 1 problems"),
+        "{}",
+        check.stdout
+    );
+    assert!(
+        check
+            .stdout
+            .contains("default/never-created, which does not exist")
+    );
+    assert_eq!(tortie(&cp, &["release", "--ip", &m2.to_string()]).code, 0);
+    assert!(
+        handles
+            .get_opt(&handle_object_name(&multi))
+            .await?
+            .is_none()
+    );
+    assert_eq!(tortie(&cp, &["check"]).code, 0);
+
     // ---- check: deliberate corruption, each problem named ------------------------------------
     handles
         .delete(

@@ -59,8 +59,16 @@ fn assert_nothing_left(layout: &Layout, pids: &[u32]) {
         .args(["link", "show", &layout.root_if])
         .output()
         .expect("ip link");
-    assert!(!link.status.success(), "root link {} left behind", layout.root_if);
-    assert!(!layout.base_dir.exists(), "{} left behind", layout.base_dir.display());
+    assert!(
+        !link.status.success(),
+        "root link {} left behind",
+        layout.root_if
+    );
+    assert!(
+        !layout.base_dir.exists(),
+        "{} left behind",
+        layout.base_dir.display()
+    );
     for &pid in pids {
         assert!(!pid_alive(pid), "process {pid} still running");
     }
@@ -80,9 +88,15 @@ async fn nodes_reach_the_api_server_and_the_internet_and_down_leaves_nothing() {
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(&spec.name))
             .unwrap_or_else(|| panic!("no Node {}", spec.name));
-        let addrs = node.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default();
+        let addrs = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.clone())
+            .unwrap_or_default();
         assert!(
-            addrs.iter().any(|a| a.type_ == "InternalIP" && a.address == spec.ip.to_string()),
+            addrs
+                .iter()
+                .any(|a| a.type_ == "InternalIP" && a.address == spec.ip.to_string()),
             "Node {} lacks InternalIP {}: {addrs:?}",
             spec.name,
             spec.ip
@@ -90,7 +104,13 @@ async fn nodes_reach_the_api_server_and_the_internet_and_down_leaves_nothing() {
         // The node reaches the internet through its default route, and the API server over
         // the VNet (what its daemon and agent use).
         assert!(
-            pods::ping_until(&spec.netns, IpAddr::V4(INET_IP), &[], Duration::from_secs(5)).await,
+            pods::ping_until(
+                &spec.netns,
+                IpAddr::V4(INET_IP),
+                &[],
+                Duration::from_secs(5)
+            )
+            .await,
             "{} cannot ping the internet namespace",
             spec.name
         );
@@ -102,18 +122,26 @@ async fn nodes_reach_the_api_server_and_the_internet_and_down_leaves_nothing() {
             )
         })
         .expect("netns thread");
-        assert!(reached.is_ok(), "{} cannot reach the API server at {api}", spec.name);
+        assert!(
+            reached.is_ok(),
+            "{} cannot reach the API server at {api}",
+            spec.name
+        );
     }
     // The internet namespace has no way back to pod addresses.
     let routes = sandbox::net::exec(&sb.layout.inet_ns, &["ip", "route", "get", "10.244.0.1"]);
-    assert!(routes.is_err(), "internet namespace routes pod addresses: {routes:?}");
+    assert!(
+        routes.is_err(),
+        "internet namespace routes pod addresses: {routes:?}"
+    );
     let pools = sandbox::cluster::ippools(&client)
         .get(sandbox::layout::POOL_NAME)
         .await
         .expect("default pool");
     assert_eq!(pools.data["spec"]["vxlanMode"], "Always");
     assert_eq!(pools.data["spec"]["natOutgoing"], true);
-    sb.check_running().expect("tortie node processes are running");
+    sb.check_running()
+        .expect("tortie node processes are running");
 
     let layout = sb.layout.clone();
     let pids: Vec<u32> = sb.nodes.iter().map(Guarded::pid).collect();
@@ -134,11 +162,22 @@ impl Capture {
         for n in nodes {
             let file = layout.base_dir.join(format!("{tag}-{}.pcap", n.port));
             let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &layout.vnet_ns, "tcpdump", "-n", "-U", "-i", &n.port, "-w"])
-                .arg(&file)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
+            cmd.args([
+                "netns",
+                "exec",
+                &layout.vnet_ns,
+                "tcpdump",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-i",
+                &n.port,
+                "-w",
+            ])
+            .arg(&file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(file.with_extension("log")).expect("tcpdump log"));
             procs.push(Guarded::spawn("tcpdump", cmd).expect("tcpdump"));
             files.push(file);
         }
@@ -163,6 +202,14 @@ impl Capture {
         let mut all = Vec::new();
         for f in &self.files {
             let bytes = std::fs::read(f).expect("read capture");
+            eprintln!(
+                "capture {}: {} bytes; tcpdump: {}",
+                f.display(),
+                bytes.len(),
+                std::fs::read_to_string(f.with_extension("log"))
+                    .unwrap_or_default()
+                    .trim()
+            );
             all.extend(pcap::ipv4_packets(&bytes).expect("parse capture"));
         }
         all
@@ -190,7 +237,9 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
     let mut pods_ = Vec::new();
     for (i, node) in layout.nodes.iter().enumerate() {
         let name = format!("p{}", i + 1);
-        pods::create_pod(&client, POD_NS, &name, &node.name).await.expect("create pod");
+        pods::create_pod(&client, POD_NS, &name, &node.name)
+            .await
+            .expect("create pod");
         pods_.push((name, node.clone()));
     }
     let mut tp = Vec::new();
@@ -226,13 +275,24 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
             assert!(
                 pods::ping_until(&a.netns, IpAddr::V4(b.ip), &[], CONVERGE).await,
                 "{} ({}, {}) cannot ping {} ({}, {})",
-                a.name, a.ip, a.node.name, b.name, b.ip, b.node.name
+                a.name,
+                a.ip,
+                a.node.name,
+                b.name,
+                b.ip,
+                b.node.name
             );
             let seen = tokio::task::block_in_place(|| {
                 pods::tcp_exchange(&b.netns, IpAddr::V4(b.ip), &a.netns)
             })
             .unwrap_or_else(|e| panic!("TCP {} -> {}: {e:#}", a.name, b.name));
-            assert_eq!(seen, IpAddr::V4(a.ip), "pod-to-pod TCP {} -> {} was masqueraded", a.name, b.name);
+            assert_eq!(
+                seen,
+                IpAddr::V4(a.ip),
+                "pod-to-pod TCP {} -> {} was masqueraded",
+                a.name,
+                b.name
+            );
         }
     }
     let packets = cap.finish();
@@ -241,7 +301,11 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
         .iter()
         .filter(|p| in_pool(p.src) || in_pool(p.dst))
         .collect();
-    assert!(on_wire.is_empty(), "pod addresses outside the tunnel: {:?}", &on_wire[..on_wire.len().min(5)]);
+    assert!(
+        on_wire.is_empty(),
+        "pod addresses outside the tunnel: {:?}",
+        &on_wire[..on_wire.len().min(5)]
+    );
     for (i, x) in node_ips.iter().enumerate() {
         for y in &node_ips[i + 1..] {
             let n = packets
@@ -250,17 +314,37 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
                 .filter(|p| (p.src == *x && p.dst == *y) || (p.src == *y && p.dst == *x))
                 .filter(|p| p.inner.is_some_and(|(s, d)| in_pool(s) && in_pool(d)))
                 .count();
-            assert!(n > 0, "no VXLAN (UDP 4789) packets carrying pod traffic between {x} and {y}");
+            let vxlan: Vec<_> = packets
+                .iter()
+                .filter(|p| p.udp_dst == Some(pcap::VXLAN_PORT))
+                .take(4)
+                .collect();
+            assert!(
+                n > 0,
+                "no VXLAN (UDP 4789) packets carrying pod traffic between {x} and {y}; {} IPv4 packets captured, VXLAN ones: {vxlan:?}",
+                packets.len()
+            );
         }
     }
 
     // ---- MTU: 1450 in the pod, and a full-size don't-fragment packet crosses nodes ----
     for p in &tp {
-        assert_eq!(pods::mtu(&p.netns, "eth0").expect("mtu"), 1450, "pod {} MTU", p.name);
+        assert_eq!(
+            pods::mtu(&p.netns, "eth0").expect("mtu"),
+            1450,
+            "pod {} MTU",
+            p.name
+        );
     }
     let (a, b) = (&tp[0], &tp[2]);
     assert!(
-        pods::ping_until(&a.netns, IpAddr::V4(b.ip), &["-M", "do", "-s", "1422"], Duration::from_secs(5)).await,
+        pods::ping_until(
+            &a.netns,
+            IpAddr::V4(b.ip),
+            &["-M", "do", "-s", "1422"],
+            Duration::from_secs(5)
+        )
+        .await,
         "a 1450-byte DF ping from {} to {} did not cross",
         a.name,
         b.name
@@ -281,11 +365,19 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
             pods::tcp_exchange(&layout.inet_ns, IpAddr::V4(INET_IP), &p.netns)
         })
         .unwrap_or_else(|e| panic!("TCP {} -> internet: {e:#}", p.name));
-        assert_eq!(seen, IpAddr::V4(p.node.ip), "internet saw {} from pod {}", seen, p.name);
+        assert_eq!(
+            seen,
+            IpAddr::V4(p.node.ip),
+            "internet saw {} from pod {}",
+            seen,
+            p.name
+        );
     }
 
     // ---- CrossSubnet: node-1 and node-2 share 198.18.0.0/24, node-3 is in 198.18.1.0/24 ----
-    set_vxlan_mode(&client, "CrossSubnet").await.expect("CrossSubnet");
+    set_vxlan_mode(&client, "CrossSubnet")
+        .await
+        .expect("CrossSubnet");
     let (p1, p2, p3) = (&tp[0], &tp[1], &tp[2]);
     assert_eq!(p1.node.subnet(), p2.node.subnet());
     assert_ne!(p1.node.subnet(), p3.node.subnet());
@@ -317,19 +409,36 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
         .iter()
         .filter(|p| (p.src == p1.ip && p.dst == p2.ip) || (p.src == p2.ip && p.dst == p1.ip))
         .count();
-    assert!(direct > 0, "CrossSubnet: no unencapsulated pod traffic between same-subnet nodes");
+    assert!(
+        direct > 0,
+        "CrossSubnet: no unencapsulated pod traffic between same-subnet nodes"
+    );
     let same_subnet_tunnel = packets
         .iter()
         .filter(|p| p.udp_dst == Some(pcap::VXLAN_PORT))
-        .filter(|p| (p.src == p1.node.ip && p.dst == p2.node.ip) || (p.src == p2.node.ip && p.dst == p1.node.ip))
+        .filter(|p| {
+            (p.src == p1.node.ip && p.dst == p2.node.ip)
+                || (p.src == p2.node.ip && p.dst == p1.node.ip)
+        })
         .count();
-    assert_eq!(same_subnet_tunnel, 0, "CrossSubnet still encapsulates between same-subnet nodes");
+    assert_eq!(
+        same_subnet_tunnel, 0,
+        "CrossSubnet still encapsulates between same-subnet nodes"
+    );
     let tunneled = packets
         .iter()
         .filter(|p| p.udp_dst == Some(pcap::VXLAN_PORT))
-        .filter(|p| (p.src == p1.node.ip && p.dst == p3.node.ip) || (p.src == p3.node.ip && p.dst == p1.node.ip))
+        .filter(|p| {
+            (p.src == p1.node.ip && p.dst == p3.node.ip)
+                || (p.src == p3.node.ip && p.dst == p1.node.ip)
+        })
         .count();
-    assert!(tunneled > 0, "CrossSubnet: no VXLAN between {} and {}", p1.node.ip, p3.node.ip);
+    assert!(
+        tunneled > 0,
+        "CrossSubnet: no VXLAN between {} and {}",
+        p1.node.ip,
+        p3.node.ip
+    );
     assert!(
         !packets.iter().any(|p| p.src == p3.ip || p.dst == p3.ip),
         "CrossSubnet: pod {} on the other subnet appeared outside the tunnel",
@@ -337,7 +446,9 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
     );
 
     // ---- Pod deletion: DEL runs, the namespace goes, the object is confirmed gone ----
-    pods::delete_pod(&client, POD_NS, &p3.name, Duration::from_secs(30)).await.expect("delete pod");
+    pods::delete_pod(&client, POD_NS, &p3.name, Duration::from_secs(30))
+        .await
+        .expect("delete pod");
     assert!(
         !Path::new("/run/netns").join(&p3.netns).exists(),
         "pod namespace {} left after delete",
@@ -347,4 +458,51 @@ async fn pods_on_three_nodes_talk_over_vxlan_egress_is_natted_and_cross_subnet_s
     let pids: Vec<u32> = sb.nodes.iter().map(Guarded::pid).collect();
     drop(sb);
     assert_nothing_left(&layout, &pids);
+}
+
+/// `down` after a crashed `up`: the state file alone leads to every namespace, the root link,
+/// recorded processes and directories, with nothing of the crashed run's cleanup code running.
+#[test]
+fn down_removes_what_a_crashed_up_recorded() {
+    let layout = new_layout(2);
+    std::fs::create_dir_all(&layout.base_dir).expect("base dir");
+    let _backstop = TeardownOnDrop(layout.clone());
+    let mut rec = sandbox::state::Recorder::new(&layout.state_file(), &layout).expect("recorder");
+    sandbox::net::build(&layout, &mut rec).expect("topology");
+    // An orphaned daemon in the root namespace (recorded) and one inside a node (found there).
+    let mut orphan = Command::new("bash")
+        .args(["-c", "exec -a tortie-sandbox-orphan sleep 600"])
+        .spawn()
+        .expect("orphan");
+    rec.pid(orphan.id()).expect("record pid");
+    let mut in_node = Command::new("ip")
+        .args(["netns", "exec", &layout.nodes[0].netns, "sleep", "600"])
+        .spawn()
+        .expect("process in node netns");
+    // A pod namespace the agent would have made (not in the state file: found by prefix).
+    let pod_ns = format!("{}-default-p1", layout.pod_netns_prefix());
+    sandbox::net::ip(&["netns", "add", &pod_ns]).expect("pod netns");
+    drop(rec); // the crash: nothing is cleaned up here
+
+    let state = sandbox::state::load(&layout.state_file())
+        .expect("read state")
+        .expect("state file exists");
+    let removed = sandbox::state::teardown(&state, &layout.state_file());
+    assert!(removed.iter().any(|r| r.contains(&pod_ns)), "{removed:?}");
+    // Reap the two children (teardown killed them) so their pids are really gone.
+    let _ = orphan.wait();
+    let _ = in_node.wait();
+    assert_nothing_left(&layout, &[orphan.id(), in_node.id()]);
+}
+
+/// If an assertion fails before `down` ran, the namespaces must still go.
+struct TeardownOnDrop(Layout);
+
+impl Drop for TeardownOnDrop {
+    fn drop(&mut self) {
+        let file = self.0.state_file();
+        if let Ok(Some(state)) = sandbox::state::load(&file) {
+            sandbox::state::teardown(&state, &file);
+        }
+    }
 }

@@ -150,9 +150,13 @@ impl Agent {
             "podIPs": ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
         }});
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &att.pod_namespace);
-        api.patch_status(&att.pod_name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .with_context(|| format!("patch status of pod {}", att.pod_name))?;
+        api.patch_status(
+            &att.pod_name,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .with_context(|| format!("patch status of pod {}", att.pod_name))?;
         tracing::info!(pod = %att.pod_name, ip = %first, netns = %netns_name, "pod attached");
         self.attached.insert(uid(pod), Attached { att, result });
         Ok(())
@@ -195,10 +199,8 @@ impl Agent {
         let name = pod.name_any();
         Attachment {
             container_id: uid(pod).replace('-', ""),
-            netns: PathBuf::from("/run/netns").join(format!(
-                "{}-{ns}-{name}",
-                self.cfg.netns_prefix
-            )),
+            netns: PathBuf::from("/run/netns")
+                .join(format!("{}-{ns}-{name}", self.cfg.netns_prefix)),
             ifname: "eth0".into(),
             pod_namespace: ns,
             pod_name: name,

@@ -24,7 +24,7 @@ use crate::support::process::Guarded;
 /// How the per-node agents run.
 #[derive(Clone, Debug)]
 pub enum AgentMode {
-    /// `ip netns exec <node> <exe> agent ...`: the example binary's `agent` subcommand.
+    /// `nsenter --net=<node> <exe> agent ...`: the example binary's `agent` subcommand.
     Process { exe: PathBuf },
     /// A thread joined to the node namespace in this process (tests: no second binary).
     Thread,
@@ -34,8 +34,11 @@ pub struct Sandbox {
     pub layout: Layout,
     pub cp: Option<ControlPlane>,
     pub nodes: Vec<Guarded>,
-    agents: Vec<Guarded>,
-    agent_threads: Vec<(tokio::sync::watch::Sender<bool>, std::thread::JoinHandle<()>)>,
+    pub agents: Vec<Guarded>,
+    agent_threads: Vec<(
+        tokio::sync::watch::Sender<bool>,
+        std::thread::JoinHandle<()>,
+    )>,
     proxy: Option<tokio::task::JoinHandle<()>>,
     rec: Recorder,
 }
@@ -149,7 +152,8 @@ impl Sandbox {
     fn write_kubeconfig(&self) -> anyhow::Result<()> {
         let cp = self.cp.as_ref().context("control plane")?;
         let src = cp.kubeconfig_path();
-        let text = std::fs::read_to_string(src).with_context(|| format!("read {}", src.display()))?;
+        let text =
+            std::fs::read_to_string(src).with_context(|| format!("read {}", src.display()))?;
         let mut kc: serde_yaml::Value =
             serde_yaml::from_str(&text).with_context(|| format!("parse {}", src.display()))?;
         let clusters = kc
@@ -163,8 +167,11 @@ impl Sandbox {
             }
         }
         let path = self.layout.kubeconfig();
-        std::fs::write(&path, serde_yaml::to_string(&kc).context("encode kubeconfig")?)
-            .with_context(|| format!("write {}", path.display()))
+        std::fs::write(
+            &path,
+            serde_yaml::to_string(&kc).context("encode kubeconfig")?,
+        )
+        .with_context(|| format!("write {}", path.display()))
     }
 
     fn spawn_tortie(&self, tortie: &Path, node: &NodeSpec) -> anyhow::Result<Guarded> {
@@ -181,13 +188,19 @@ impl Sandbox {
             .env("TORTIE_CNI_SOCKET", node.cni_socket())
             .env("IP_AUTODETECTION_METHOD", "interface=eth0");
         logged(&mut cmd, &node.dir.join("tortie.log"))?;
-        Ok(Guarded::spawn(&format!("tortie node ({})", node.name), cmd)?
-            .with_grace(Duration::from_secs(3)))
+        Ok(
+            Guarded::spawn(&format!("tortie node ({})", node.name), cmd)?
+                .with_grace(Duration::from_secs(3)),
+        )
     }
 
     fn spawn_agent_process(&self, exe: &Path, node: &NodeSpec) -> anyhow::Result<Guarded> {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &node.netns])
+        // nsenter joins the network namespace only: `ip netns exec` would also give the agent
+        // a private mount namespace, and the pod namespaces it mounts under /run/netns would
+        // then be invisible to everyone else.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", node.netns))
+            .arg("--")
             .arg(exe)
             .arg("agent")
             .arg("--node")
@@ -275,10 +288,9 @@ pub fn agent_config(layout: &Layout, node: &NodeSpec) -> AgentConfig {
 pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("read {}", kubeconfig.display()))?;
-    let cfg =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .with_context(|| format!("load {}", kubeconfig.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("load {}", kubeconfig.display()))?;
     Client::try_from(cfg).context("build a client")
 }
 

@@ -16,19 +16,59 @@ pub fn build(layout: &Layout, rec: &mut Recorder) -> anyhow::Result<()> {
     add_netns(vnet, rec)?;
     exec(vnet, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     ip(&["-n", vnet, "link", "add", BRIDGE, "type", "bridge"])?;
-    ip(&["-n", vnet, "link", "set", BRIDGE, "mtu", &VNET_MTU.to_string(), "up"])?;
+    ip(&[
+        "-n",
+        vnet,
+        "link",
+        "set",
+        BRIDGE,
+        "mtu",
+        &VNET_MTU.to_string(),
+        "up",
+    ])?;
     for subnet in [0u8, 1] {
-        ip(&["-n", vnet, "addr", "add", &format!("198.18.{subnet}.1/24"), "dev", BRIDGE])?;
+        ip(&[
+            "-n",
+            vnet,
+            "addr",
+            "add",
+            &format!("198.18.{subnet}.1/24"),
+            "dev",
+            BRIDGE,
+        ])?;
     }
 
     // Root <-> VNet: recorded first, so a crash right after creating it still gets cleaned.
     rec.root_link(&layout.root_if)?;
     ip(&[
-        "link", "add", &layout.root_if, "type", "veth", "peer", "name", VNET_ROOT_IF, "netns", vnet,
+        "link",
+        "add",
+        &layout.root_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        VNET_ROOT_IF,
+        "netns",
+        vnet,
     ])?;
-    ip(&["addr", "add", &format!("{}/30", layout.root_ip), "dev", &layout.root_if])?;
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/30", layout.root_ip),
+        "dev",
+        &layout.root_if,
+    ])?;
     ip(&["link", "set", &layout.root_if, "up"])?;
-    ip(&["-n", vnet, "addr", "add", &format!("{}/30", layout.vnet_root_ip), "dev", VNET_ROOT_IF])?;
+    ip(&[
+        "-n",
+        vnet,
+        "addr",
+        "add",
+        &format!("{}/30", layout.vnet_root_ip),
+        "dev",
+        VNET_ROOT_IF,
+    ])?;
     ip(&["-n", vnet, "link", "set", VNET_ROOT_IF, "up"])?;
     // The root namespace has no route to the node subnets (and must not get one): what the
     // nodes send to the API server leaves the VNet with the VNet's own /30 address.
@@ -42,15 +82,49 @@ pub fn build(layout: &Layout, rec: &mut Recorder) -> anyhow::Result<()> {
     let inet = &layout.inet_ns;
     add_netns(inet, rec)?;
     ip(&[
-        "link", "add", VNET_INET_IF, "netns", vnet, "type", "veth", "peer", "name", NODE_IF,
-        "netns", inet,
+        "link",
+        "add",
+        VNET_INET_IF,
+        "netns",
+        vnet,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        NODE_IF,
+        "netns",
+        inet,
     ])?;
-    ip(&["-n", vnet, "addr", "add", &format!("{INET_GW}/24"), "dev", VNET_INET_IF])?;
+    ip(&[
+        "-n",
+        vnet,
+        "addr",
+        "add",
+        &format!("{INET_GW}/24"),
+        "dev",
+        VNET_INET_IF,
+    ])?;
     ip(&["-n", vnet, "link", "set", VNET_INET_IF, "up"])?;
-    ip(&["-n", inet, "addr", "add", &format!("{INET_IP}/24"), "dev", NODE_IF])?;
+    ip(&[
+        "-n",
+        inet,
+        "addr",
+        "add",
+        &format!("{INET_IP}/24"),
+        "dev",
+        NODE_IF,
+    ])?;
     ip(&["-n", inet, "link", "set", NODE_IF, "up"])?;
     // Back to the node subnets only: the internet knows nothing of pod CIDRs.
-    ip(&["-n", inet, "route", "add", "198.18.0.0/15", "via", &INET_GW.to_string()])?;
+    ip(&[
+        "-n",
+        inet,
+        "route",
+        "add",
+        "198.18.0.0/15",
+        "via",
+        &INET_GW.to_string(),
+    ])?;
 
     for node in &layout.nodes {
         add_node(layout, node, rec)?;
@@ -62,14 +136,58 @@ fn add_node(layout: &Layout, node: &NodeSpec, rec: &mut Recorder) -> anyhow::Res
     let ns = &node.netns;
     add_netns(ns, rec)?;
     ip(&[
-        "link", "add", &node.port, "netns", &layout.vnet_ns, "type", "veth", "peer", "name",
-        NODE_IF, "netns", ns,
+        "link",
+        "add",
+        &node.port,
+        "netns",
+        &layout.vnet_ns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        NODE_IF,
+        "netns",
+        ns,
     ])?;
-    ip(&["-n", &layout.vnet_ns, "link", "set", &node.port, "master", BRIDGE, "up"])?;
-    ip(&["-n", ns, "link", "set", NODE_IF, "mtu", &VNET_MTU.to_string(), "up"])?;
-    ip(&["-n", ns, "addr", "add", &format!("{}/{}", node.ip, node.prefix_len), "dev", NODE_IF])?;
+    ip(&[
+        "-n",
+        &layout.vnet_ns,
+        "link",
+        "set",
+        &node.port,
+        "master",
+        BRIDGE,
+        "up",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "set",
+        NODE_IF,
+        "mtu",
+        &VNET_MTU.to_string(),
+        "up",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{}/{}", node.ip, node.prefix_len),
+        "dev",
+        NODE_IF,
+    ])?;
     // A real node has a default route; proxy ARP for the pods' 169.254.1.1 needs one.
-    ip(&["-n", ns, "route", "add", "default", "via", &node.gateway.to_string()])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &node.gateway.to_string(),
+    ])?;
     exec(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     Ok(())
 }

@@ -59,7 +59,12 @@ pub async fn wait_pod_ip(
 }
 
 /// Deletes the pod and waits until the agent confirmed it (the object is gone).
-pub async fn delete_pod(client: &Client, ns: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
+pub async fn delete_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let api = Api::<Pod>::namespaced(client.clone(), ns);
     api.delete(name, &DeleteParams::default())
         .await
@@ -82,7 +87,9 @@ pub fn pod_netns(layout: &Layout, ns: &str, name: &str) -> String {
 /// One ping from inside `netns`; `extra` e.g. `["-M", "do", "-s", "1422"]`.
 pub fn ping(netns: &str, dst: IpAddr, extra: &[&str]) -> bool {
     Command::new("ip")
-        .args(["netns", "exec", netns, "ping", "-n", "-q", "-c", "1", "-W", "1"])
+        .args([
+            "netns", "exec", netns, "ping", "-n", "-q", "-c", "1", "-W", "1",
+        ])
         .args(extra)
         .arg(dst.to_string())
         .stdin(Stdio::null())
@@ -127,7 +134,9 @@ pub fn tcp_exchange(server_ns: &str, server_ip: IpAddr, client_ns: &str) -> anyh
     let listener = in_netns(server_ns, || TcpListener::bind("0.0.0.0:0"))?
         .with_context(|| format!("listen in {server_ns}"))?;
     let port = listener.local_addr().context("listener address")?.port();
-    listener.set_nonblocking(true).context("nonblocking listener")?;
+    listener
+        .set_nonblocking(true)
+        .context("nonblocking listener")?;
     let server = std::thread::spawn(move || -> anyhow::Result<IpAddr> {
         let deadline = Instant::now() + Duration::from_secs(5);
         let (mut conn, peer) = loop {
@@ -143,7 +152,8 @@ pub fn tcp_exchange(server_ns: &str, server_ip: IpAddr, client_ns: &str) -> anyh
             }
         };
         conn.set_nonblocking(false).context("blocking conn")?;
-        conn.set_read_timeout(Some(Duration::from_secs(5))).context("timeout")?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .context("timeout")?;
         let mut buf = [0u8; 5];
         conn.read_exact(&mut buf).context("read hello")?;
         conn.write_all(b"olleh").context("write reply")?;
@@ -153,7 +163,8 @@ pub fn tcp_exchange(server_ns: &str, server_ip: IpAddr, client_ns: &str) -> anyh
     let client = in_netns(client_ns, || -> anyhow::Result<()> {
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
             .with_context(|| format!("connect to {dst}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).context("timeout")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .context("timeout")?;
         s.write_all(b"hello").context("write hello")?;
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).context("read reply")?;

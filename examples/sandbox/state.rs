@@ -154,7 +154,10 @@ pub fn delete_netns(ns: &str) -> bool {
             stop_pid(pid);
         }
     }
-    if let Ok(out) = Command::new("ip").args(["-n", ns, "-o", "link", "show"]).output() {
+    if let Ok(out) = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show"])
+        .output()
+    {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let Some(name) = line.split(": ").nth(1) else {
                 continue;

@@ -4,9 +4,6 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// Calico's hidden cap when `maxBlocksPerHost` is 0 or unset (a documented trap, issue
-/// #9462). tortie does not apply it: unset means no cap. Kept for messages and docs.
-pub const DEFAULT_MAX_BLOCKS_PER_HOST: u32 = 20;
 /// Name of the singleton.
 pub const IPAM_CONFIG_NAME: &str = "default";
 
@@ -29,7 +26,7 @@ pub struct IPAMConfigSpec {
     pub strict_affinity: bool,
     /// Nodes may claim new blocks.
     pub auto_allocate_blocks: bool,
-    /// Cap on blocks per node; 0 means the default of 20.
+    /// Cap on blocks per node; unset or 0 means no cap (Calico silently caps at 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 2147483647))]
     pub max_blocks_per_host: Option<i32>,

@@ -402,7 +402,11 @@ mod tests {
             &devices(),
         );
         assert!(!is_workload_route(&tunnel_route));
-        let blackhole = build(&key("10.244.0.0/26", 254), &RouteTarget::Blackhole, &devices());
+        let blackhole = build(
+            &key("10.244.0.0/26", 254),
+            &RouteTarget::Blackhole,
+            &devices(),
+        );
         assert!(!is_workload_route(&blackhole));
     }
 

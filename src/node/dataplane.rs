@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use prometheus::IntCounter;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::overlay_metrics::OverlayMetrics;
@@ -35,6 +36,7 @@ impl Drivers {
         interval: Duration,
         metrics: OverlayMetrics,
         ipip_missing: Arc<AtomicBool>,
+        recheck: Arc<Notify>,
     ) -> Drivers {
         let monitor = match Monitor::new() {
             Ok(m) => Some(m),
@@ -48,6 +50,7 @@ impl Drivers {
             interval,
             ..ResyncConfig::default()
         };
+        let nat_repairs = metrics.drift_repairs.clone();
         let report = move |trigger: Trigger, outcome: &Result<ApplyReport, DataplaneError>| {
             let result = match outcome {
                 Ok(r) => {
@@ -60,7 +63,10 @@ impl Drivers {
                         .iter()
                         .any(|e| matches!(e, DataplaneError::MissingKernelFeature { .. }))
                     {
-                        ipip_missing.store(true, Ordering::Relaxed);
+                        // Recalculate now, before the echo of this pass triggers another.
+                        if !ipip_missing.swap(true, Ordering::Relaxed) {
+                            recheck.notify_one();
+                        }
                     }
                     Ok(())
                 }
@@ -70,7 +76,7 @@ impl Drivers {
         };
         let overlay = tokio::spawn(resync::run(kernel, monitor, desired, cfg, report));
         let (nat_tx, nat_outcome) = watch::channel(None);
-        let nat = tokio::spawn(run_nat(nat, interval, nat_tx));
+        let nat = tokio::spawn(run_nat(nat, interval, nat_tx, nat_repairs));
         Drivers {
             overlay,
             nat,
@@ -91,6 +97,7 @@ async fn run_nat(
     mut model: watch::Receiver<NatModel>,
     interval: Duration,
     outcome: watch::Sender<Option<Result<(), String>>>,
+    repairs: IntCounter,
 ) {
     let mut table = NatTable::new();
     loop {
@@ -106,6 +113,7 @@ async fn run_nat(
                 match r {
                     Ok(Outcome::Repaired) => {
                         tracing::info!("repaired drift in the NAT table");
+                        repairs.inc();
                         Ok(())
                     }
                     Ok(_) => Ok(()),

@@ -4,6 +4,7 @@
 
 mod dataplane;
 pub mod identity;
+mod ipam_jobs;
 mod overlay;
 mod overlay_metrics;
 mod signals;
@@ -14,15 +15,14 @@ mod tunnel;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch as stop_channel;
 use tokio::task::JoinSet;
 
 use crate::cni::service::ServiceError;
 use crate::config::{NodeArgs, NodeConfig};
 use crate::dataplane::DataplaneError;
+use crate::datastore::DatastoreError;
 use crate::datastore::lease::LeaseError;
-use crate::datastore::{ClusterView, DatastoreError};
 use crate::http::{self, HttpError, Readiness};
 use crate::metrics::{BuildInfo, Metrics, MetricsError};
 
@@ -122,13 +122,10 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let outcome = match started {
         Ok(Some(running)) => {
             tracing::info!("tortie node ready");
-            let outcome = main_loop(&cfg, &running, &mut signals, &mut servers).await;
+            let outcome = main_loop(&mut signals, &mut servers).await;
             let _ = stop.send(true);
-            running.drivers.stop();
             let drained = tokio::time::timeout(SHUTDOWN_BUDGET, async {
-                running.cni.task.abort();
-                running.datastore.stop().await;
-                running.election.stopped().await;
+                running.stop().await;
                 while servers.join_next().await.is_some() {}
             })
             .await;
@@ -151,12 +148,9 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 
 /// Until a signal or a server failure.
 async fn main_loop(
-    cfg: &NodeConfig,
-    running: &startup::Running,
     signals: &mut signals::Signals,
     servers: &mut JoinSet<Result<(), NodeError>>,
 ) -> Result<(), NodeError> {
-    warn_if_node_missing(&running.datastore.view, &cfg.node_name);
     tokio::select! {
         signal = signals.recv() => {
             tracing::info!(signal, "shutting down");
@@ -185,15 +179,4 @@ async fn serve(
     };
     http::serve(server, listener, router, shutdown).await?;
     Ok(())
-}
-
-/// A wrong NODENAME is a common mistake; say so early instead of failing later in IPAM.
-fn warn_if_node_missing(view: &ClusterView, node_name: &str) {
-    if view.nodes.get(&ObjectRef::new(node_name)).is_none() {
-        tracing::warn!(
-            node = node_name,
-            nodes = view.nodes.len(),
-            "this node's Node object does not exist (check NODENAME)"
-        );
-    }
 }

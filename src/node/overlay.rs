@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::overlay_metrics::OverlayMetrics;
 use super::snapshot::{self, LocalNode};
@@ -36,9 +36,10 @@ pub struct Overlay {
     pub local_ip: Option<Ipv4Net>,
     pub config: OverlayConfig,
     pub metrics: OverlayMetrics,
-    /// Set by the dataplane once the kernel turned IPIP down: tunl0 is no longer asked for,
-    /// so the missing module is reported once and not on every pass.
+    /// Set (and `recheck` notified) by the dataplane once the kernel turned IPIP down:
+    /// tunl0 is no longer asked for, so the missing module is reported once, not per pass.
     pub ipip_missing: Arc<AtomicBool>,
+    pub recheck: Arc<Notify>,
     last: Option<(CalcView, bool)>,
 }
 
@@ -63,6 +64,7 @@ impl Overlay {
             config,
             metrics,
             ipip_missing: Arc::new(AtomicBool::new(false)),
+            recheck: Arc::new(Notify::new()),
             last: None,
         }
     }
@@ -171,6 +173,7 @@ impl Overlay {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = self.recheck.notified() => {}
                 _ = stopped.wait_for(|s| *s) => return,
             }
             if let Some(w) = self.recalculate().await {

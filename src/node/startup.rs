@@ -10,6 +10,7 @@ use kube::Client;
 use tokio::sync::watch;
 
 use super::dataplane::{Drivers, FirstOutcome};
+use super::ipam_jobs::IpamJobs;
 use super::overlay::Overlay;
 use super::overlay_metrics::OverlayMetrics;
 use super::tunnel::Publisher;
@@ -52,6 +53,19 @@ pub struct Running {
     pub election: Election,
     pub cni: CniService,
     pub drivers: Drivers,
+    pub ipam_jobs: IpamJobs,
+}
+
+impl Running {
+    /// Stops every loop (after the caller signalled `stopped`) and waits for the Lease to be
+    /// released. The kernel is left as it is: a restart must not cut pods off.
+    pub async fn stop(self) {
+        self.drivers.stop();
+        self.ipam_jobs.stop();
+        self.cni.task.abort();
+        self.datastore.stop().await;
+        self.election.stopped().await;
+    }
 }
 
 pub async fn start(
@@ -78,7 +92,8 @@ pub async fn start(
         match identity::establish(&client, node, identity::Family::V4, &cfg.autodetection).await {
             Ok(a) => break a,
             Err(e) => {
-                tracing::warn!(error = %e, "node identity not established; retrying");
+                // A missing Node is most often a wrong NODENAME.
+                tracing::warn!(error = %e, node, "node identity not established (check NODENAME if the Node is not found); retrying");
                 ready.dataplane.set_not_ready(format!("node identity: {e}"));
                 tokio::time::sleep(RETRY).await;
             }
@@ -88,6 +103,15 @@ pub async fn start(
     wait_synced(&datastore).await?;
     let election = start_election(&client, cfg, stopped.clone())?;
     let ipam = Arc::new(start_ipam(&client, node).await);
+    let ipam_jobs = IpamJobs::start(
+        metrics,
+        ipam.clone(),
+        client.clone(),
+        datastore.view.nodes.clone(),
+        election.is_leader.clone(),
+        cfg.ipam_gc_grace,
+        stopped.clone(),
+    )?;
 
     let kernel = Kernel::host()?;
     let host_mtu = mtu::host_mtu(&kernel.handle).await?;
@@ -133,6 +157,7 @@ pub async fn start(
         cfg.resync_interval,
         overlay_metrics,
         overlay.ipip_missing.clone(),
+        overlay.recheck.clone(),
     );
     tokio::spawn(overlay.run(dataplane_tx, nat_tx, stopped));
     ready
@@ -150,6 +175,7 @@ pub async fn start(
         election,
         cni,
         drivers,
+        ipam_jobs,
     })
 }
 
@@ -210,7 +236,6 @@ fn start_election(
         ..LeaseConfig::new(cfg.node_name.clone())
     };
     let election = LeaderElector::new(client.clone(), lease)?.run(stopped);
-    // No cluster-wide job is wired yet (IPAM GC will read `is_leader`); log the role.
     let mut leader = election.is_leader.clone();
     tokio::spawn(async move {
         while leader.changed().await.is_ok() {
@@ -248,5 +273,41 @@ async fn wait_first(mut outcome: FirstOutcome, ready: &Condition, what: &str) {
             // The driver ended (only at shutdown): the caller's select ends start-up.
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calc::{EncapMode, PoolInfo};
+
+    fn view(vxlan: EncapMode, ipip: EncapMode) -> CalcView {
+        CalcView {
+            pools: vec![PoolInfo {
+                cidr: "10.244.0.0/16".parse().expect("cidr"),
+                vxlan_mode: vxlan,
+                ipip_mode: ipip,
+                nat_outgoing: true,
+            }],
+            ..CalcView::default()
+        }
+    }
+
+    #[test]
+    fn pod_mtu_is_configured_or_host_minus_the_encapsulation() {
+        let never = EncapMode::Never;
+        assert_eq!(
+            chosen_pod_mtu(0, 1500, &view(EncapMode::Always, never)),
+            1450
+        );
+        assert_eq!(
+            chosen_pod_mtu(0, 1500, &view(never, EncapMode::CrossSubnet)),
+            1480
+        );
+        assert_eq!(chosen_pod_mtu(0, 1500, &view(never, never)), 1500);
+        assert_eq!(
+            chosen_pod_mtu(1400, 1500, &view(EncapMode::Always, never)),
+            1400
+        );
     }
 }

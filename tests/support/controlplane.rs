@@ -122,13 +122,17 @@ impl ControlPlane {
         let [etcd_port, peer_port, api_port] = free_ports()?;
         let url = format!("https://{bind}:{api_port}");
         let bind_text = bind.to_string();
+        let mut sans = vec!["127.0.0.1", "localhost"];
+        if !bind.is_loopback() {
+            sans.push(&bind_text);
+        }
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
 
         let ca = new_ca()?;
         let ca_pem = ca.pem();
         let (serving_cert, serving_key) = leaf(
             &ca,
-            &["127.0.0.1", "localhost", &bind_text],
+            &sans,
             "kube-apiserver",
             &[],
             ExtendedKeyUsagePurpose::ServerAuth,

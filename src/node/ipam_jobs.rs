@@ -1,0 +1,68 @@
+//! IPAM's background jobs as the daemon runs them: the leader's leaked-address GC (idle
+//! unless this node holds the Lease), every node's own empty-block hygiene, and the
+//! `ipam_*` / `tortie_ipam_*` metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::runtime::reflector::Store;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::ipam::Ipam;
+use crate::ipam::gc::local::{self, LocalConfig};
+use crate::ipam::gc::{self, Cluster, GcConfig, GcStatus};
+use crate::metrics::{Metrics, MetricsError};
+
+pub struct IpamJobs {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl IpamJobs {
+    pub fn start(
+        metrics: &Metrics,
+        ipam: Arc<Ipam>,
+        client: Client,
+        nodes: Store<Node>,
+        is_leader: watch::Receiver<bool>,
+        grace: Duration,
+        stopped: watch::Receiver<bool>,
+    ) -> Result<IpamJobs, MetricsError> {
+        let status = GcStatus::default();
+        crate::ipam::metrics::register(
+            metrics,
+            ipam.clone(),
+            nodes.clone(),
+            status.clone(),
+            is_leader.clone(),
+        )?;
+        let (pods, pods_watch) = gc::watch_pods(client.clone());
+        let cluster = Cluster {
+            client,
+            pods,
+            nodes,
+        };
+        let leader_gc = tokio::spawn(gc::run(
+            ipam.clone(),
+            cluster,
+            is_leader,
+            GcConfig::with_grace(grace),
+            status,
+            stopped.clone(),
+        ));
+        let hygiene = LocalConfig {
+            grace,
+            ..LocalConfig::default()
+        };
+        let own_blocks = tokio::spawn(local::run(ipam, hygiene, stopped));
+        Ok(IpamJobs {
+            tasks: vec![pods_watch, leader_gc, own_blocks],
+        })
+    }
+
+    pub fn stop(&self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
