@@ -18,6 +18,7 @@
 
 mod claim;
 mod cleanup;
+pub mod events;
 mod handle;
 pub mod release;
 mod stats;

@@ -13,7 +13,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::IPPool;
@@ -25,6 +25,8 @@ use crate::ipam::convert::block_from_spec;
 use crate::ipam::pools::PoolSet;
 use crate::ipam::reservations::Reservations;
 use crate::ipam::search::{BlockInfo, Limits};
+
+use super::events::{self, OverlapEvent};
 
 /// A block as last seen, with the resourceVersion a compare-and-swap write must carry.
 #[derive(Debug, Clone)]
@@ -45,6 +47,9 @@ pub struct View {
     pub handles: BTreeMap<String, BTreeSet<IpNet>>,
     reservation_objs: BTreeMap<String, Vec<IpNet>>,
     pool_objs: BTreeMap<String, IPPool>,
+    /// Where overlaps become Kubernetes Events, and the (kept, excluded) pairs already sent.
+    overlap_events: Option<mpsc::UnboundedSender<OverlapEvent>>,
+    reported_overlaps: BTreeSet<(String, String)>,
 }
 
 /// resourceVersions are opaque, but the API server hands out etcd revisions; comparing
@@ -111,10 +116,27 @@ impl View {
 
     fn rebuild_pools(&mut self) {
         self.pools = PoolSet::from_ippools(self.pool_objs.values());
+        let mut current = BTreeSet::new();
         for o in self.pools.overlaps() {
+            let key = (o.kept.clone(), o.excluded.clone());
+            current.insert(key.clone());
+            if self.reported_overlaps.contains(&key) {
+                continue;
+            }
             tracing::warn!(kept = %o.kept, excluded = %o.excluded,
                 "IP pools overlap; the newer pool is not used for allocation");
+            if let (Some(tx), Some(kept), Some(excluded)) = (
+                &self.overlap_events,
+                self.pool_objs.get(&o.kept),
+                self.pool_objs.get(&o.excluded),
+            ) {
+                let _ = tx.send(OverlapEvent {
+                    excluded: excluded.object_ref(&()),
+                    kept: kept.object_ref(&()),
+                });
+            }
         }
+        self.reported_overlaps = current;
         for (pool, reason) in self.pools.invalid() {
             tracing::warn!(%pool, %reason, "IP pool is not usable");
         }
@@ -175,6 +197,9 @@ impl ViewHandle {
             tx,
         });
         let mut tasks = Vec::new();
+        let (overlap_tx, overlap_task) = events::spawn(client.clone(), node);
+        write(&view).overlap_events = Some(overlap_tx);
+        tasks.push(overlap_task);
 
         tasks.push(spawn_watch(
             "IPAMBlock",
