@@ -308,23 +308,35 @@ async fn node_waits_for_rbac_then_reports_a_lost_api_server() {
     let mut daemon = Node::start(&host, &kubeconfig, "node-b");
 
     // Without permissions the daemon is up (alive) but not ready, and says why.
-    let (_, reason) = daemon.wait_readiness(Duration::from_secs(30), |code, body| {
-        code == 503 && body.contains("forbidden")
-    });
-    assert!(
-        reason.starts_with("datastore not synced: watching nodes on "),
-        "{reason}"
-    );
-    for line in [
+    // Each watch reports its own failure when its first list is refused: wait for both.
+    let forbidden = [
         "list failed: 403 Forbidden: nodes is forbidden",
         "list failed: 403 Forbidden: ippools.crd.projectcalico.org is forbidden",
-        cp.url(),
-    ] {
+    ];
+    let (_, reason) = daemon.wait_readiness(Duration::from_secs(30), |code, body| {
+        code == 503 && forbidden.iter().all(|f| body.contains(f))
+    });
+    assert!(
+        reason.starts_with("datastore not synced: watching "),
+        "{reason}"
+    );
+    for line in forbidden.into_iter().chain([cp.url()]) {
         assert!(reason.contains(line), "{line:?} missing from {reason}");
     }
     assert_eq!(daemon.health("/liveness").map(|r| r.0), Ok(200));
     assert_eq!(daemon.metrics().value("tortie_datastore_synced"), 0.0);
     assert_eq!(daemon.metrics().value("tortie_apiserver_connected"), 0.0);
+    // The plugin binaries are installed first thing, but kubelet must not see a network
+    // config (and call the plugin) while the daemon cannot serve ADDs.
+    let conflist = daemon.dir.join("net.d/10-tortie.conflist");
+    assert!(
+        daemon.dir.join("bin/tortie").exists(),
+        "plugin not installed early"
+    );
+    assert!(
+        !conflist.exists(),
+        "conflist written before the daemon is ready"
+    );
 
     grant_access(&cp, user).await;
     // Synced now, but a wrong NODENAME keeps the node from establishing its identity.
@@ -333,8 +345,16 @@ async fn node_waits_for_rbac_then_reports_a_lost_api_server() {
     });
     assert!(reason.contains("node-b"), "{reason}");
     assert_eq!(daemon.metrics().value("tortie_apiserver_connected"), 1.0);
+    assert!(
+        !conflist.exists(),
+        "conflist written before the daemon is ready"
+    );
     cp.create_node("node-b", &[]).await.expect("node");
     daemon.wait_readiness(Duration::from_secs(40), |code, _| code == 200);
+    assert!(
+        conflist.exists(),
+        "conflist missing once the daemon is ready"
+    );
 
     // The API server goes away: still synced (stores keep their data), but not connected.
     drop(cp);
