@@ -17,10 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kube::Client;
-use kube::api::{Api, PostParams};
 use support::ControlPlane;
-use tortie::api::{IPPool, IPPoolSpec};
 use tortie::ipam::{AssignRequest, Ipam, pod_handle};
 
 const SYNC: Duration = Duration::from_secs(60);
@@ -118,18 +115,7 @@ fn attrs(node: &str, pod: &str) -> BTreeMap<String, String> {
     ])
 }
 
-async fn create_pool(client: &Client, name: &str, cidr: &str, block_size: i32) -> Result<()> {
-    let spec = IPPoolSpec {
-        cidr: cidr.into(),
-        block_size: Some(block_size),
-        ..Default::default()
-    };
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new(name, spec))
-        .await
-        .with_context(|| format!("create pool {name}"))?;
-    Ok(())
-}
+use support::pools::create_pool;
 
 /// (block writes, CAS conflicts) so far, summed over `ipams`.
 fn counters(ipams: &[Arc<Ipam>]) -> (u64, u64) {

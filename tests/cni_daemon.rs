@@ -301,7 +301,6 @@ mod daemon {
     use tokio::sync::watch;
     use tortie::api::ipamblock::IPAMBlock;
     use tortie::api::ipamhandle::IPAMHandle;
-    use tortie::api::{IPPool, IPPoolSpec};
     use tortie::cni::handlers::{CniDaemon, CniSettings};
     use tortie::cni::install::{self, InstallSettings, OtherConfigs};
     use tortie::cni::plumbing::Plumber;
@@ -346,23 +345,7 @@ mod daemon {
         ))
     }
 
-    pub async fn create_pool(
-        client: &Client,
-        name: &str,
-        cidr: &str,
-        block: i32,
-    ) -> anyhow::Result<()> {
-        let spec = IPPoolSpec {
-            cidr: cidr.into(),
-            block_size: Some(block),
-            ..Default::default()
-        };
-        Api::<IPPool>::all(client.clone())
-            .create(&PostParams::default(), &IPPool::new(name, spec))
-            .await
-            .with_context(|| format!("create pool {name}"))?;
-        Ok(())
-    }
+    pub use super::support::pools::create_pool;
 
     pub async fn harness(pool: &str, block: i32) -> anyhow::Result<Harness> {
         let cp = ControlPlane::start().await?;

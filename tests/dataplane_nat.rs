@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use support::netns::plumb_pod;
 use support::{NetNs, veth_pair};
 use tortie::calc::nat::{NatModel, NatPool, NatSettings, desired_nat};
 use tortie::dataplane::nft::{self, NatTable, Outcome};
@@ -75,39 +76,7 @@ impl Bed {
         for (i, ip) in pod_ips.iter().enumerate() {
             let pod = NetNs::new("nat-pod")?;
             let host_if = format!("cali{i}");
-            veth_pair(&pod, "eth0", &node, &host_if)?;
-            pod.exec_ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-            pod.exec_ok(&[
-                "ip",
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ])?;
-            pod.exec_ok(&[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ])?;
-            node.exec_ok(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-            ])?;
-            node.exec_ok(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-            ])?;
-            node.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+            plumb_pod(&node, &pod, &host_if, ip, None)?;
             pods.push(pod);
         }
         Ok(Bed { node, inet, pods })

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use support::netns::plumb_pod;
 use support::{NetNs, veth_pair};
 use tokio::sync::{mpsc, watch};
 use tortie::calc::vtep::vtep_mac;
@@ -61,8 +62,8 @@ impl Bed {
         }
         let p1 = NetNs::new("ov-p1")?;
         let p2 = NetNs::new("ov-p2")?;
-        plumb_pod(&ns1, &p1, "cali1", POD1)?;
-        plumb_pod(&ns2, &p2, "cali2", POD2)?;
+        plumb_pod(&ns1, &p1, "cali1", POD1, Some(1450))?;
+        plumb_pod(&ns2, &p2, "cali2", POD2, Some(1450))?;
         let n1 = Node {
             kernel: Kernel::in_netns(&ns1.path())?,
             ns: ns1,
@@ -75,54 +76,6 @@ impl Bed {
         };
         Ok(Bed { n1, n2, p1, p2 })
     }
-}
-
-/// What the CNI will do later: veth, /32 address, the 169.254.1.1 gateway trick, host route.
-fn plumb_pod(node: &NetNs, pod: &NetNs, host_if: &str, pod_ip: &str) -> Result<()> {
-    veth_pair(node, host_if, pod, "eth0")?;
-    pod.exec_ok(&["ip", "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
-    pod.exec_ok(&["ip", "link", "set", "eth0", "mtu", "1450"])?;
-    pod.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ])?;
-    pod.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ])?;
-    node.exec_ok(&[
-        "sysctl",
-        "-qw",
-        &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-    ])?;
-    node.exec_ok(&[
-        "sysctl",
-        "-qw",
-        &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-    ])?;
-    node.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{pod_ip}/32"),
-        "dev",
-        host_if,
-        "scope",
-        "link",
-    ])?;
-    Ok(())
 }
 
 fn node_info(name: &str, ip: &str, vxlan: &str) -> NodeInfo {

@@ -20,7 +20,6 @@ use serde_json::Value;
 use support::ControlPlane;
 use tortie::api::blockaffinity::{AffinityState, BlockAffinity, BlockAffinitySpec};
 use tortie::api::ipamhandle::{IPAMHandle, handle_object_name};
-use tortie::api::{IPPool, IPPoolSpec};
 use tortie::ipam::{AssignRequest, Ipam, pod_handle};
 
 const SYNC: Duration = Duration::from_secs(30);
@@ -55,23 +54,7 @@ fn tortie(cp: &ControlPlane, args: &[&str]) -> Run {
     run
 }
 
-async fn create_pool(
-    client: &Client,
-    name: &str,
-    cidr: &str,
-    block_size: i32,
-) -> anyhow::Result<()> {
-    let spec = IPPoolSpec {
-        cidr: cidr.into(),
-        block_size: Some(block_size),
-        ..Default::default()
-    };
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new(name, spec))
-        .await
-        .with_context(|| format!("create pool {name}"))?;
-    Ok(())
-}
+use support::pools::create_pool;
 
 /// Creates the pod object and returns its UID (recorded with the allocation).
 async fn create_pod(client: &Client, name: &str, node: &str) -> anyhow::Result<String> {

@@ -19,11 +19,11 @@ use serde_json::json;
 use support::ControlPlane;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tortie::api::IPPoolSpec;
 use tortie::api::blockaffinity::{AffinityState, AffinityType, BlockAffinity, BlockAffinitySpec};
 use tortie::api::ipamblock::IPAMBlock;
 use tortie::api::ipamconfig::{IPAMConfig, IPAMConfigSpec};
 use tortie::api::ipamhandle::IPAMHandle;
-use tortie::api::{IPPool, IPPoolSpec};
 use tortie::cni::handlers::ATTR_POD_UID;
 use tortie::datastore::lease::{Election, LeaderElector, LeaseConfig};
 use tortie::ipam::cidr::addr_at;
@@ -51,11 +51,7 @@ async fn create_pool_with(
         node_selector: node_selector.map(str::to_string),
         ..Default::default()
     };
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new(name, spec))
-        .await
-        .with_context(|| format!("create pool {name}"))?;
-    Ok(())
+    support::pools::create_pool_spec(client, name, spec).await
 }
 
 /// No reuse cooldown, so a released block is empty at once.

@@ -13,22 +13,16 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use support::ControlPlane;
-use tortie::api::{AllowedUse, IPPool, IPPoolSpec};
+use tortie::api::{AllowedUse, IPPoolSpec};
 use tortie::ipam::pools::ANNOTATION_IPV4_POOLS;
 use tortie::ipam::store::events::REASON_CIDR_OVERLAP;
 use tortie::ipam::{AssignRequest, Ipam, pod_handle};
 
 const SYNC: Duration = Duration::from_secs(30);
 
-async fn create_pool(client: &Client, name: &str, spec: IPPoolSpec) -> anyhow::Result<()> {
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new(name, spec))
-        .await
-        .with_context(|| format!("create pool {name}"))?;
-    Ok(())
-}
+use support::pools::create_pool_spec as create_pool;
 
 fn spec(cidr: &str) -> IPPoolSpec {
     IPPoolSpec {

@@ -25,23 +25,7 @@ use tortie::ipam::{AssignRequest, Ipam, IpamError, TunnelKind, pod_handle};
 
 const SYNC: Duration = Duration::from_secs(30);
 
-async fn create_pool(
-    client: &Client,
-    name: &str,
-    cidr: &str,
-    block_size: i32,
-) -> anyhow::Result<()> {
-    let spec = IPPoolSpec {
-        cidr: cidr.into(),
-        block_size: Some(block_size),
-        ..Default::default()
-    };
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new(name, spec))
-        .await
-        .with_context(|| format!("create pool {name}"))?;
-    Ok(())
-}
+use support::pools::create_pool;
 
 /// Polls `cond` (a view catching up with a watch) for up to 30 s.
 async fn wait_until(what: &str, cond: impl Fn() -> bool) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ pub mod binaries;
 pub mod controlplane;
 pub mod credentials;
 pub mod netns;
+pub mod pools;
 pub mod process;
 
 pub use controlplane::ControlPlane;

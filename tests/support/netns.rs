@@ -252,3 +252,60 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A pod's plumbing as Calico's CNI makes it, for dataplane tests that run without the CNI:
+/// veth, /32 address, the 169.254.1.1 gateway trick (proxy ARP), host route.
+pub fn plumb_pod(
+    node: &NetNs,
+    pod: &NetNs,
+    host_if: &str,
+    pod_ip: &str,
+    mtu: Option<u32>,
+) -> anyhow::Result<()> {
+    veth_pair(node, host_if, pod, "eth0")?;
+    pod.exec_ok(&["ip", "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+    if let Some(mtu) = mtu {
+        pod.exec_ok(&["ip", "link", "set", "eth0", "mtu", &mtu.to_string()])?;
+    }
+    pod.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    pod.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
+    node.exec_ok(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+    ])?;
+    node.exec_ok(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
+    ])?;
+    node.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        host_if,
+        "scope",
+        "link",
+    ])?;
+    Ok(())
+}
