@@ -1,6 +1,7 @@
 // IPAM's cleanup jobs against the real API server: leaked-address GC by pod UID and address
 // after a grace period (never before), GC continuing after the Lease holder dies, release of
-// deleted nodes' blocks and affinities, and node-local release of idle blocks.
+// deleted nodes' blocks and affinities, node-local release of idle blocks, and deletion of
+// IPAMHandle objects no allocation references (after the grace period, per object version).
 
 mod support;
 
@@ -23,7 +24,7 @@ use tortie::api::IPPoolSpec;
 use tortie::api::blockaffinity::{AffinityState, AffinityType, BlockAffinity, BlockAffinitySpec};
 use tortie::api::ipamblock::IPAMBlock;
 use tortie::api::ipamconfig::{IPAMConfig, IPAMConfigSpec};
-use tortie::api::ipamhandle::IPAMHandle;
+use tortie::api::ipamhandle::{IPAMHandle, IPAMHandleSpec, handle_object_name};
 use tortie::cni::handlers::ATTR_POD_UID;
 use tortie::datastore::lease::{Election, LeaderElector, LeaseConfig};
 use tortie::ipam::cidr::addr_at;
@@ -703,14 +704,180 @@ async fn allocations_cut_off_mid_request_are_collected_and_live_ones_kept() -> a
         Ok(h.keys().cloned().collect::<BTreeSet<_>>() == live)
     })
     .await?;
-    let handles = Api::<IPAMHandle>::all(client.clone())
-        .list(&ListParams::default())
+    // A request cut off after its handle write but before its block PUT leaves a handle
+    // without allocations; the GC deletes it one grace period after first seeing it.
+    wait_until("no handle object outlives its addresses", || async {
+        let handles = Api::<IPAMHandle>::all(client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let names: BTreeSet<String> = handles
+            .items
+            .into_iter()
+            .map(|h| h.spec.handle_id)
+            .collect();
+        Ok(names == live)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Writes a handle object as a daemon that died before (or instead of) its block write
+/// would leave it: counts for blocks that hold nothing under the handle.
+async fn create_handle(
+    client: &Client,
+    handle: &str,
+    blocks: &[(&str, i64)],
+) -> anyhow::Result<()> {
+    let spec = IPAMHandleSpec {
+        handle_id: handle.into(),
+        block: blocks.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+        deleted: false,
+    };
+    Api::<IPAMHandle>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &IPAMHandle::new(&handle_object_name(handle), spec),
+        )
+        .await
+        .with_context(|| format!("create IPAMHandle {handle}"))?;
+    Ok(())
+}
+
+async fn handle_exists(client: &Client, handle: &str) -> anyhow::Result<bool> {
+    Ok(Api::<IPAMHandle>::all(client.clone())
+        .get_opt(&handle_object_name(handle))
+        .await?
+        .is_some())
+}
+
+/// The handles `tortie ipam check` reports as IPAMHandles without allocations.
+async fn checked_orphans(cp: &ControlPlane) -> anyhow::Result<BTreeSet<String>> {
+    let dir = tempfile::tempdir()?;
+    let report = dir.path().join("report.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tortie"))
+        .args(["ipam", "check", "-o"])
+        .arg(&report)
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .output()
         .await?;
-    let names: BTreeSet<String> = handles
-        .items
-        .into_iter()
-        .map(|h| h.spec.handle_id)
-        .collect();
-    assert_eq!(names, live, "no handle object outlives its addresses");
+    anyhow::ensure!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "tortie ipam check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    Ok(v["problems"]
+        .as_array()
+        .context("problems")?
+        .iter()
+        .filter(|p| p["kind"] == "handleWithoutAllocations")
+        .filter_map(|p| p["handle"].as_str().map(str::to_string))
+        .collect())
+}
+
+#[tokio::test]
+async fn handle_objects_without_allocations_go_after_the_grace_period_and_held_ones_stay()
+-> anyhow::Result<()> {
+    const GRACE: Duration = Duration::from_secs(2);
+    let cp = ControlPlane::start().await?;
+    let client = cp.client();
+    create_pool(&client, "ho-pool", "10.86.0.0/24", 26).await?;
+    cp.create_node("ho-node", &[]).await?;
+    let d = Daemon::start(&client, "ho-node", "gc-ho", short(GRACE.as_millis() as u64)).await?;
+    d.wait_leader().await?;
+
+    let uid = create_pod(&client, "web", "ho-node").await?;
+    let live = pod_handle("web");
+    let addr = assign(&d.ipam, &live, pod_attrs("ho-node", "web", &uid), &[]).await?;
+    let used = blocks_of(&client, "ho-node").await?;
+    let block = used.first().context("the node's block")?.clone();
+    let absent = (0..4)
+        .map(|i| format!("10.86.0.{}/26", i * 64))
+        .find(|c| !used.contains(c))
+        .context("a block nobody claimed")?;
+
+    // Left by crashes: between the handle write and the block PUT (naming a block that exists,
+    // and one never created), and between a release and the handle's delete (names nothing).
+    let crashed = pod_handle("crashed");
+    let unclaimed = pod_handle("unclaimed");
+    let released = pod_handle("released");
+    let created = Instant::now();
+    create_handle(&client, &crashed, &[(&block, 1)]).await?;
+    create_handle(&client, &unclaimed, &[(&absent, 1)]).await?;
+    create_handle(&client, &released, &[]).await?;
+    let orphans = BTreeSet::from([crashed.clone(), unclaimed.clone(), released.clone()]);
+
+    // Several passes run before the grace period is over: nothing goes yet.
+    tokio::time::sleep(
+        (created + GRACE - Duration::from_millis(600)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    for h in &orphans {
+        assert!(
+            handle_exists(&client, h).await?,
+            "{h} deleted before its grace period"
+        );
+    }
+    assert_eq!(
+        checked_orphans(&cp).await?,
+        orphans,
+        "ipam check sees the orphans"
+    );
+
+    wait_until("the orphaned handle objects are deleted", || async {
+        for h in &orphans {
+            if handle_exists(&client, h).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    assert!(
+        created.elapsed() >= GRACE,
+        "deleted before the grace period"
+    );
+    assert!(
+        checked_orphans(&cp).await?.is_empty(),
+        "ipam check finds none left"
+    );
+
+    // A handle an ADD reusing its ID updates mid-way (its block PUT still in flight) waits
+    // a full grace period from the update, not from its creation.
+    let retried = TunnelKind::Vxlan.handle("ho-node-2");
+    let born = Instant::now();
+    create_handle(&client, &retried, &[(&block, 1)]).await?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let handles = Api::<IPAMHandle>::all(client.clone());
+    let mut h = handles.get(&handle_object_name(&retried)).await?;
+    h.spec.block.insert(absent.clone(), 1);
+    let updated = Instant::now();
+    handles
+        .replace(&handle_object_name(&retried), &PostParams::default(), &h)
+        .await?;
+    tokio::time::sleep(
+        (updated + GRACE - Duration::from_millis(400)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    assert!(born.elapsed() > GRACE + Duration::from_millis(700));
+    assert!(
+        handle_exists(&client, &retried).await?,
+        "an updated handle is judged by its new version"
+    );
+    wait_until("the updated orphan is deleted", || async {
+        Ok(!handle_exists(&client, &retried).await?)
+    })
+    .await?;
+    assert!(
+        updated.elapsed() >= GRACE,
+        "deleted before the grace period of its update"
+    );
+
+    // The live pod's handle and address were never touched.
+    assert!(handle_exists(&client, &live).await?);
+    assert_eq!(
+        held(&client).await?,
+        BTreeMap::from([(live, BTreeSet::from([addr]))])
+    );
     Ok(())
 }

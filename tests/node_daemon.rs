@@ -1,13 +1,18 @@
 // `tortie node` as a process against a real kube-apiserver: readiness follows the watches
 // (503 with the reason, then 200), /metrics is valid Prometheus text, SIGTERM ends it with
-// exit 0 within 2 s, and an unreachable or lost API server is reported, not hidden.
+// exit 0 within 2 s, an unreachable or lost API server is reported, not hidden, and the
+// CNI conflist never exists while STATUS through the plugin would fail.
 
 mod nodes;
 mod support;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
@@ -370,6 +375,444 @@ async fn node_waits_for_rbac_then_reports_a_lost_api_server() {
     let (status, took) = daemon.terminate();
     assert_eq!(status.code(), Some(0), "{status}:\n{}", daemon.log());
     assert!(took < EXIT_BUDGET, "took {took:?}");
+}
+
+/// Kubelet finds the network through the conflist and then calls the plugin, so the conflist
+/// must never exist while STATUS through the plugin would fail. A watcher polls the config
+/// dir every millisecond and checks the file the moment it appears; a prober runs STATUS
+/// while it is absent, to show the not-ready window is real and not merely assumed.
+#[tokio::test]
+async fn conflist_appears_only_when_status_says_ready() {
+    let host = Host::new("nd-d").expect("host");
+    let cp = ControlPlane::start_on(host.root_ip.into())
+        .await
+        .expect("control plane");
+    // No RBAC and no Node yet: the datastore cannot sync, so the socket cannot serve.
+    let user = "system:serviceaccount:kube-system:tortie-test";
+    let kubeconfig = cp.kubeconfig_for(user, &[]).expect("kubeconfig");
+    let mut daemon = Node::start(&host, &kubeconfig, "node-d");
+    let mut watch = ConflistWatch::start(&daemon.dir);
+
+    let forbidden = "list failed: 403 Forbidden: nodes is forbidden";
+    daemon.wait_readiness(Duration::from_secs(30), |code, body| {
+        code == 503 && body.contains(forbidden)
+    });
+    // Let the prober see the blocked daemon a few times before it may become ready.
+    let until = Instant::now() + Duration::from_secs(20);
+    while watch.blocked_answers() < 3 {
+        assert!(Instant::now() < until, "no STATUS answer while blocked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    watch.unblock();
+    let unblocked_at = Instant::now();
+    cp.create_node("node-d", &[]).await.expect("node");
+    grant_access(&cp, user).await;
+    let sighting = watch
+        .wait(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("no conflist within 60 s:\n{}", daemon.log()));
+    let (ready, _) = daemon.wait_readiness(Duration::from_secs(5), |code, _| code == 200);
+    assert_eq!(ready, 200);
+    let readiness_after = sighting.seen.elapsed();
+    let polls = sighting.polls;
+    let ProbeLog { probes, text_busy } = watch.finish();
+
+    // The file was complete the first time it could be read, and names our socket.
+    let list = sighting
+        .parsed
+        .unwrap_or_else(|e| panic!("conflist not complete JSON when first seen: {e}"));
+    assert_eq!(list["name"], "k8s-pod-network", "{list}");
+    assert_eq!(list["plugins"][0]["type"], "tortie", "{list}");
+    assert_eq!(
+        list["plugins"][0]["socket"],
+        daemon.dir.join("run/cni.sock").display().to_string(),
+        "{list}"
+    );
+    assert_eq!(
+        list["plugins"][0]["mtu"].as_f64(),
+        Some(daemon.metrics().value("tortie_pod_mtu_bytes")),
+        "{list}"
+    );
+    // ... and STATUS with exactly that configuration succeeded at once.
+    if let Err((code, msg)) = &sighting.status {
+        panic!(
+            "conflist present but STATUS failed with {code}: {msg}\n{}",
+            daemon.log()
+        );
+    }
+
+    // Every STATUS while blocked: the spec's "plugin not available", naming the socket.
+    let blocked: Vec<&Probe> = probes.iter().filter(|p| p.blocked).collect();
+    for p in &blocked {
+        match &p.answer {
+            Err((50, msg)) => assert!(msg.contains("cni.sock"), "{msg}"),
+            other => panic!("STATUS while the daemon was blocked answered {other:?}"),
+        }
+    }
+    // After unblocking and before the conflist, STATUS may turn ready (the socket serves
+    // before the first dataplane apply) but any failure is still "not available".
+    let waiting: Vec<&Probe> = probes.iter().filter(|p| !p.blocked).collect();
+    for p in &waiting {
+        assert!(
+            matches!(p.answer, Ok(()) | Err((50, _))),
+            "STATUS before the conflist answered {:?}",
+            p.answer
+        );
+    }
+    let ok_early = waiting.iter().filter(|p| p.answer.is_ok()).count();
+    eprintln!(
+        "conflist: {} not-ready STATUS answers while blocked, {} after unblocking ({} ok) \
+         before it appeared; appeared {} ms after unblocking; watcher polled {polls} times; \
+         STATUS ok {} ms after it was seen; readiness 200 within {} ms; temp file seen: {}; \
+         plugin busy (ETXTBSY) {text_busy} times before the conflist",
+        blocked.len(),
+        waiting.len(),
+        ok_early,
+        sighting.seen.duration_since(unblocked_at).as_millis(),
+        sighting.status_took.as_millis(),
+        readiness_after.as_millis(),
+        sighting.saw_temp,
+    );
+    assert_eq!(
+        text_busy, 0,
+        "the installed plugin could not be executed (ETXTBSY): still open for writing"
+    );
+
+    let (status, took) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", daemon.log());
+    assert!(took < EXIT_BUDGET, "took {took:?}");
+}
+
+/// The watcher above must be able to fail: a conflist naming a socket nobody serves, and one
+/// written in two steps, are both caught (plugin linked in, no daemon, no control plane).
+#[test]
+fn conflist_watch_catches_an_unserved_or_partial_config() {
+    let conflist = serde_json::json!({
+        "name": "k8s-pod-network",
+        "cniVersion": "1.0.0",
+        "cniVersions": ["1.0.0", "1.1.0"],
+        "plugins": [{"type": "tortie", "mtu": 1450, "socket": "/nonexistent/tortie/cni.sock",
+                     "ipam": {"type": "tortie-ipam"}}],
+    })
+    .to_string();
+    let prepared = || {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join("bin")).expect("bin dir");
+        std::fs::create_dir_all(dir.path().join("net.d")).expect("conf dir");
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_tortie"), dir.path().join("bin/tortie"))
+            .expect("plugin link");
+        dir
+    };
+
+    let dir = prepared();
+    let mut watch = ConflistWatch::start(dir.path());
+    // Atomically, so only the missing daemon can be what is caught.
+    let temp = dir.path().join("net.d/.conflist-being-written");
+    std::fs::write(&temp, &conflist).expect("write");
+    std::fs::rename(&temp, dir.path().join("net.d/10-tortie.conflist")).expect("rename");
+    let s = watch.wait(Duration::from_secs(10)).expect("sighting");
+    assert!(s.parsed.is_ok(), "{:?}", s.parsed);
+    match s.status {
+        Err((50, msg)) => assert!(msg.contains("/nonexistent/tortie/cni.sock"), "{msg}"),
+        other => panic!("STATUS without a daemon answered {other:?}"),
+    }
+    drop(watch);
+
+    let dir = prepared();
+    let mut watch = ConflistWatch::start(dir.path());
+    let mut file =
+        std::fs::File::create(dir.path().join("net.d/10-tortie.conflist")).expect("create");
+    let (head, tail) = conflist.split_at(conflist.len() / 2);
+    file.write_all(head.as_bytes()).expect("head");
+    std::thread::sleep(Duration::from_millis(50));
+    file.write_all(tail.as_bytes()).expect("tail");
+    let s = watch.wait(Duration::from_secs(10)).expect("sighting");
+    assert!(
+        s.parsed.is_err(),
+        "a half-written conflist was read as complete"
+    );
+}
+
+/// The watcher stops looking after this long even if nobody stops it.
+const WATCH_BACKSTOP: Duration = Duration::from_secs(180);
+
+/// One STATUS run while the conflist was absent.
+#[derive(Debug)]
+struct Probe {
+    /// Answered before the test let the daemon become ready.
+    blocked: bool,
+    answer: Result<(), (u64, String)>,
+}
+
+/// The prober's record: its answers, and how often the fresh binary was still busy.
+#[derive(Debug, Default)]
+struct ProbeLog {
+    probes: Vec<Probe>,
+    text_busy: usize,
+}
+
+/// What the watcher found the moment the conflist appeared.
+struct Sighting {
+    seen: Instant,
+    polls: u64,
+    parsed: Result<serde_json::Value, String>,
+    status: Result<(), (u64, String)>,
+    status_took: Duration,
+    /// Whether a poll caught the writer's temp file (atomic write in progress).
+    saw_temp: bool,
+}
+
+/// The watcher and prober threads; stopped and joined on Drop, so a failing test leaves none.
+struct ConflistWatch {
+    stop: Arc<AtomicBool>,
+    unblocked: Arc<AtomicBool>,
+    blocked_answers: Arc<AtomicUsize>,
+    sighting: mpsc::Receiver<Sighting>,
+    watcher: Option<JoinHandle<()>>,
+    prober: Option<JoinHandle<ProbeLog>>,
+    probe_log: Option<ProbeLog>,
+}
+
+impl ConflistWatch {
+    fn start(dir: &Path) -> ConflistWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let unblocked = Arc::new(AtomicBool::new(false));
+        let blocked_answers = Arc::new(AtomicUsize::new(0));
+        let (tx, sighting) = mpsc::channel();
+        let watcher = {
+            let (dir, stop) = (dir.to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                if let Some(s) = watch_conflist(&dir, &stop) {
+                    let _ = tx.send(s);
+                }
+            })
+        };
+        let prober = {
+            let (dir, stop) = (dir.to_path_buf(), stop.clone());
+            let (unblocked, count) = (unblocked.clone(), blocked_answers.clone());
+            std::thread::spawn(move || probe_status(&dir, &stop, &unblocked, &count))
+        };
+        ConflistWatch {
+            stop,
+            unblocked,
+            blocked_answers,
+            sighting,
+            watcher: Some(watcher),
+            prober: Some(prober),
+            probe_log: None,
+        }
+    }
+
+    /// STATUS answers given while blocked so far; a panic in the prober is re-raised here.
+    fn blocked_answers(&mut self) -> usize {
+        if self.prober.as_ref().is_some_and(JoinHandle::is_finished) {
+            self.join_prober();
+        }
+        self.blocked_answers.load(Ordering::SeqCst)
+    }
+
+    /// From now on probes count as "after unblocking".
+    fn unblock(&self) {
+        self.unblocked.store(true, Ordering::SeqCst);
+    }
+
+    /// The watcher's sighting; a panic in the watcher is re-raised here.
+    fn wait(&mut self, timeout: Duration) -> Option<Sighting> {
+        match self.sighting.recv_timeout(timeout) {
+            Ok(s) => Some(s),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if let Some(Err(panic)) = self.watcher.take().map(JoinHandle::join) {
+                    std::panic::resume_unwind(panic);
+                }
+                None
+            }
+        }
+    }
+
+    /// Stops both threads and returns the prober's record.
+    fn finish(mut self) -> ProbeLog {
+        self.stop.store(true, Ordering::SeqCst);
+        self.join_prober();
+        self.probe_log.take().expect("prober joined")
+    }
+
+    fn join_prober(&mut self) {
+        if let Some(prober) = self.prober.take() {
+            let log = prober
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            self.probe_log = Some(log);
+        }
+    }
+}
+
+impl Drop for ConflistWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // A thread's panic was re-raised already, or the test is failing for another reason.
+        if let Some(h) = self.watcher.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.prober.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Polls `<dir>/net.d` every millisecond; the first successful read of the conflist is
+/// checked at once: complete JSON, then STATUS with exactly its plugin configuration.
+fn watch_conflist(dir: &Path, stop: &AtomicBool) -> Option<Sighting> {
+    let conf_dir = dir.join("net.d");
+    let conflist = conf_dir.join("10-tortie.conflist");
+    let started = Instant::now();
+    let (mut polls, mut saw_temp) = (0u64, false);
+    loop {
+        if stop.load(Ordering::SeqCst) || started.elapsed() > WATCH_BACKSTOP {
+            return None;
+        }
+        polls += 1;
+        // Open-and-read, not exists-then-read: whatever is first readable is what is judged.
+        match std::fs::read(&conflist) {
+            Ok(bytes) => {
+                let seen = Instant::now();
+                let parsed = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .map_err(|e| format!("{e}: {:?}", String::from_utf8_lossy(&bytes)));
+                let status = match &parsed {
+                    // Kubelet would run the plugin now: failing to start it counts too.
+                    Ok(list) => plugin_status(&dir.join("bin/tortie"), &netconf_of(list))
+                        .unwrap_or_else(|e| Err((0, format!("plugin did not start: {e}")))),
+                    Err(e) => Err((0, format!("not run: {e}"))),
+                };
+                return Some(Sighting {
+                    seen,
+                    polls,
+                    parsed,
+                    status,
+                    status_took: seen.elapsed(),
+                    saw_temp,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("reading {}: {e}", conflist.display()),
+        }
+        if let Ok(entries) = std::fs::read_dir(&conf_dir) {
+            saw_temp |= entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("tortie-tmp"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs STATUS every 20 ms with the netconf the conflist will hold, until the conflist exists.
+fn probe_status(
+    dir: &Path,
+    stop: &AtomicBool,
+    unblocked: &AtomicBool,
+    blocked_answers: &AtomicUsize,
+) -> ProbeLog {
+    let plugin = dir.join("bin/tortie");
+    let conflist = dir.join("net.d/10-tortie.conflist");
+    let netconf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "k8s-pod-network",
+        "type": "tortie",
+        "mtu": 1500,
+        "socket": dir.join("run/cni.sock"),
+        "ipam": {"type": "tortie-ipam"},
+    });
+    let started = Instant::now();
+    let mut log = ProbeLog::default();
+    while !stop.load(Ordering::SeqCst) && started.elapsed() < WATCH_BACKSTOP {
+        // The binaries are installed first thing; before that there is nothing to run.
+        if !plugin.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        if conflist.exists() {
+            break;
+        }
+        let answer = match plugin_status(&plugin, &netconf) {
+            Ok(answer) => answer,
+            // Counted, then failed below: the installer must close the new binary before it
+            // takes its name, or kubelet's first exec of it fails.
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                log.text_busy += 1;
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) => panic!("run {}: {e}", plugin.display()),
+        };
+        // Read after the answer: "blocked" then means the whole exchange preceded unblocking.
+        let blocked = !unblocked.load(Ordering::SeqCst);
+        if blocked {
+            blocked_answers.fetch_add(1, Ordering::SeqCst);
+        }
+        log.probes.push(Probe { blocked, answer });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    log
+}
+
+/// A plugin's configuration as a runtime passes it: the list's first plugin with the list's
+/// name and the highest version the list offers (libcni's negotiation).
+fn netconf_of(list: &serde_json::Value) -> serde_json::Value {
+    let parse = |v: &serde_json::Value| -> Option<(u32, u32, u32)> {
+        let mut parts = v.as_str()?.split('.').map(|p| p.parse().ok());
+        Some((parts.next()??, parts.next()??, parts.next()??))
+    };
+    let version = list["cniVersions"]
+        .as_array()
+        .and_then(|vs| vs.iter().max_by_key(|v| parse(v)))
+        .unwrap_or(&list["cniVersion"])
+        .clone();
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = version;
+    conf["name"] = list["name"].clone();
+    conf
+}
+
+/// CNI_COMMAND=STATUS through the installed plugin: Ok, or the CNI error's code and msg.
+/// Err only when the plugin could not be started at all.
+fn plugin_status(
+    plugin: &Path,
+    netconf: &serde_json::Value,
+) -> std::io::Result<Result<(), (u64, String)>> {
+    let mut child = Command::new(plugin)
+        .env_clear()
+        .env("CNI_COMMAND", "STATUS")
+        .env("CNI_PATH", plugin.parent().expect("bin dir"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(netconf.to_string().as_bytes())
+        .expect("netconf to the plugin");
+    let out = child.wait_with_output().expect("plugin exit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() {
+        assert!(stdout.trim().is_empty(), "STATUS ok printed {stdout:?}");
+        return Ok(Ok(()));
+    }
+    let error: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "STATUS failed ({}) without a CNI error ({e}): {stdout:?}",
+            out.status
+        )
+    });
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let code = error["code"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no code: {stdout}"));
+    Ok(Err((
+        code,
+        error["msg"].as_str().unwrap_or_default().to_owned(),
+    )))
 }
 
 /// What the daemon needs: read the cluster, annotate its Node and pods, write IPAM objects,

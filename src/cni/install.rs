@@ -273,6 +273,9 @@ fn write_atomic(
         f.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io_err("chmod", &tmp))?;
         f.sync_all().map_err(io_err("fsync", &tmp))?;
+        // Closed before it takes the real name: a binary still open for writing cannot be
+        // executed (ETXTBSY), and kubelet may run the plugin the moment it appears.
+        drop(f);
         fs::rename(&tmp, target).map_err(io_err("rename into place", target))?;
         File::open(dir)
             .and_then(|d| d.sync_all())

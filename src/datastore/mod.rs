@@ -8,14 +8,16 @@ mod watch;
 
 pub use sync::{Backoff, DatastoreStatus, Observation, SyncTracker};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch as status_channel;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::api::IPPool;
 use crate::config::KubeSource;
@@ -136,4 +138,33 @@ fn trim_node(node: &mut Node) {
     if let Some(status) = node.status.as_mut() {
         status.images = None;
     }
+}
+
+/// A watch feeding a store outside the sync tracker, for readers that cope with a cache
+/// that is not filled yet (they fall back to a GET, or wait for it themselves). `what`
+/// names the watch in logs; errors are retried with backoff for as long as the task runs.
+pub fn reflect<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    trim: fn(&mut K),
+    what: &'static str,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let task = tokio::spawn(async move {
+        let stream = watcher::watcher(api, cfg)
+            .default_backoff()
+            .modify(trim)
+            .reflect(writer);
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::warn!(watch = what, error = %e, "watch failed; retrying");
+            }
+        }
+    });
+    (store, task)
 }

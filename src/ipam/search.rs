@@ -94,6 +94,16 @@ pub enum Step {
     Borrow(IpNet),
 }
 
+impl Step {
+    /// The block this step would allocate from.
+    pub fn cidr(&self) -> IpNet {
+        match self {
+            Step::Affine(c) | Step::Borrow(c) => *c,
+            Step::Claim { cidr, .. } | Step::Reclaim { cidr, .. } => *cidr,
+        }
+    }
+}
+
 pub struct Search<'a> {
     pub node: &'a str,
     pub pools: Vec<&'a Pool>,

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod binaries;
+pub mod cni;
 pub mod controlplane;
 pub mod credentials;
 pub mod netns;

@@ -9,7 +9,7 @@ use chrono::Utc;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::options::{self, IpamOptions};
-use super::pod::{self, PodInfo};
+use super::pod::PodInfo;
 use super::{CniDaemon, HandlerError, require};
 use crate::api::AllowedUse;
 use crate::cni::invocation::{Command, PluginKind};
@@ -92,12 +92,15 @@ impl CniDaemon {
         }
 
         let t0 = std::time::Instant::now();
-        let info = pod::lookup(&self.client, t.namespace, t.pod).await?;
+        let info = self
+            .pods
+            .lookup(t.namespace, t.pod, request.args.k8s_pod_uid.as_deref())
+            .await?;
         let t1 = std::time::Instant::now();
         let addrs = self.allocate(&handle, &t, &info, &opts).await?;
         let t2 = std::time::Instant::now();
         match self
-            .finish_add(request, &t, netns.as_ref(), &addrs, mtu)
+            .finish_add(request, &t, &info, netns.as_ref(), &addrs, mtu)
             .await
         {
             Ok(result) => {
@@ -168,10 +171,13 @@ impl CniDaemon {
         Ok(self.ipam.auto_assign(&req).await?)
     }
 
+    /// Plumbing and the pod's annotations, in parallel: neither needs the other, and each
+    /// is undone when the other fails.
     async fn finish_add(
         &self,
         request: &Request,
         t: &Target<'_>,
+        info: &PodInfo,
         netns: Option<&File>,
         addrs: &[IpNet],
         mtu: u32,
@@ -182,23 +188,41 @@ impl CniDaemon {
             addrs: addrs.to_vec(),
             mtu,
         };
-        let attached = match netns {
-            Some(ns) => Some(self.plumber.attach(ns, &net).await?),
-            None => None,
-        };
-        if let Err(e) = pod::annotate(&self.client, t.namespace, t.pod, t.container, addrs).await {
-            if attached.is_some() {
-                let undo = self
-                    .plumber
-                    .detach(netns, t.ifname, &net.host_ifname, addrs)
-                    .await;
-                if let Err(undo) = undo {
-                    tracing::warn!(interface = %net.host_ifname, error = %undo, "could not remove the veth of a failed ADD");
-                }
+        let attach = async {
+            match netns {
+                Some(ns) => self.plumber.attach(ns, &net).await.map(Some),
+                None => Ok(None),
             }
-            return Err(e);
-        }
-        Ok(result(request, &net, attached.as_ref()))
+        };
+        let uid = info.uid.as_deref();
+        let annotate = self
+            .pods
+            .annotate(t.namespace, t.pod, uid, t.container, addrs);
+        let (attached, annotated) = tokio::join!(attach, annotate);
+        let failure = match (attached, annotated) {
+            (Ok(attached), Ok(())) => return Ok(result(request, &net, attached.as_ref())),
+            (Ok(attached), Err(e)) => {
+                if attached.is_some() {
+                    let undo = self
+                        .plumber
+                        .detach(netns, t.ifname, &net.host_ifname, addrs)
+                        .await;
+                    if let Err(undo) = undo {
+                        tracing::warn!(interface = %net.host_ifname, error = %undo, "could not remove the veth of a failed ADD");
+                    }
+                }
+                e
+            }
+            (Err(e), annotated) => {
+                if annotated.is_ok()
+                    && let Err(undo) = self.pods.blank_ips(t.namespace, t.pod, uid).await
+                {
+                    tracing::warn!(pod = t.pod, error = %undo, "could not blank the IP annotations of a failed ADD");
+                }
+                e.into()
+            }
+        };
+        Err(failure)
     }
 
     async fn repeat_add(

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use kube::Client;
 
 use self::locks::ContainerLocks;
+use self::pod::PodView;
 use super::error::{CniError, code};
 use super::invocation::Command;
 use super::plumbing::{Plumber, PlumbingError};
@@ -110,7 +111,7 @@ pub struct CniSettings {
 
 pub struct CniDaemon {
     settings: CniSettings,
-    client: Client,
+    pods: PodView,
     ipam: Arc<Ipam>,
     plumber: Plumber,
     locks: ContainerLocks,
@@ -118,6 +119,7 @@ pub struct CniDaemon {
 }
 
 impl CniDaemon {
+    /// Starts the pod and namespace watches ADD reads from: call inside a tokio runtime.
     pub fn new(
         settings: CniSettings,
         client: Client,
@@ -125,8 +127,8 @@ impl CniDaemon {
         plumber: Plumber,
     ) -> CniDaemon {
         CniDaemon {
+            pods: PodView::start(client, &settings.node),
             settings,
-            client,
             ipam,
             plumber,
             locks: ContainerLocks::default(),

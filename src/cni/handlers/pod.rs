@@ -1,15 +1,21 @@
-//! The API side of ADD: the pod's annotations and UID and its namespace's annotations and
-//! labels (pool choice), and the Calico annotations written back once the pod has its IPs.
+//! The API side of ADD and DEL: the pod's annotations and UID and its namespace's annotations
+//! and labels (pool choice), read from watch caches with one GET as the fallback, and the
+//! Calico annotations written back once the pod has its IPs (and blanked on DEL).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Map, Value, json};
+use tokio::task::JoinHandle;
 
 use super::HandlerError;
+use crate::datastore::reflect;
 
 pub const ANNOTATION_POD_IP: &str = "cni.projectcalico.org/podIP";
 pub const ANNOTATION_POD_IPS: &str = "cni.projectcalico.org/podIPs";
@@ -31,55 +37,200 @@ fn api_err(action: &'static str, object: String) -> impl FnOnce(kube::Error) -> 
     }
 }
 
-/// One GET for the pod and one for its namespace, in parallel.
-pub(super) async fn lookup(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> Result<PodInfo, HandlerError> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let (pod, ns) = tokio::join!(pods.get_opt(name), namespaces.get_opt(namespace));
-    let pod = pod
-        .map_err(api_err("read pod", format!("{namespace}/{name}")))?
-        .ok_or_else(|| HandlerError::PodNotFound {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        })?;
-    let ns = ns.map_err(api_err("read namespace", namespace.to_string()))?;
-    let (namespace_annotations, namespace_labels) = ns
-        .map(|n| {
-            (
-                n.metadata.annotations.unwrap_or_default(),
-                n.metadata.labels.unwrap_or_default(),
-            )
-        })
-        .unwrap_or_default();
-    Ok(PodInfo {
-        uid: pod.metadata.uid,
-        annotations: pod.metadata.annotations.unwrap_or_default(),
-        namespace_annotations,
-        namespace_labels,
-    })
+/// Watch caches of this node's pods and of every namespace, kept to metadata. ADD reads
+/// them instead of two GETs; a pod the watch has not delivered yet, or whose UID differs
+/// from the runtime's `K8S_POD_UID` (deleted and re-created under the same name), is read
+/// from the API server.
+pub struct PodView {
+    client: Client,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
-/// Calico's annotations, through the status subresource as Calico does (RBAC pods/status).
-pub(super) async fn annotate(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    container_id: &str,
-    addrs: &[IpNet],
-) -> Result<(), HandlerError> {
-    let ips: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    let patch = json!({"metadata": {"annotations": {
-        ANNOTATION_POD_IP: ips.first().cloned().unwrap_or_default(),
-        ANNOTATION_POD_IPS: ips.join(","),
-        ANNOTATION_CONTAINER_ID: container_id,
-    }}});
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(api_err("annotate pod", format!("{namespace}/{name}")))?;
-    Ok(())
+impl Drop for PodView {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+impl PodView {
+    /// Starts both watches; must be called inside a tokio runtime. Lookups work at once
+    /// (through the API server until the caches fill).
+    pub fn start(client: Client, node: &str) -> PodView {
+        let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let (pods, pods_task) = reflect(Api::all(client.clone()), on_node, trim_pod, "CNI pods");
+        let (namespaces, ns_task) = reflect(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            trim_namespace,
+            "CNI namespaces",
+        );
+        PodView {
+            client,
+            pods,
+            namespaces,
+            tasks: vec![pods_task, ns_task],
+        }
+    }
+
+    /// The pod and its namespace, from the caches where they are current.
+    pub(super) async fn lookup(
+        &self,
+        namespace: &str,
+        name: &str,
+        expected_uid: Option<&str>,
+    ) -> Result<PodInfo, HandlerError> {
+        let cached = self
+            .pods
+            .get(&ObjectRef::new(name).within(namespace))
+            .filter(|p| expected_uid.is_none_or(|uid| p.meta().uid.as_deref() == Some(uid)));
+        let cached_ns = self.namespaces.get(&ObjectRef::new(namespace));
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let pod_read = async {
+            match &cached {
+                Some(p) => Ok(Some(Arc::clone(p))),
+                None => pods.get_opt(name).await.map(|p| p.map(Arc::new)),
+            }
+        };
+        let ns_read = async {
+            match &cached_ns {
+                Some(n) => Ok(Some(Arc::clone(n))),
+                None => namespaces.get_opt(namespace).await.map(|n| n.map(Arc::new)),
+            }
+        };
+        let (pod, ns) = tokio::join!(pod_read, ns_read);
+        let pod = pod
+            .map_err(api_err("read pod", format!("{namespace}/{name}")))?
+            .ok_or_else(|| HandlerError::PodNotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })?;
+        let ns = ns.map_err(api_err("read namespace", namespace.to_string()))?;
+        tracing::debug!(
+            namespace,
+            name,
+            pod_cached = cached.is_some(),
+            namespace_cached = cached_ns.is_some(),
+            "pod looked up"
+        );
+        let (namespace_annotations, namespace_labels) = ns
+            .map(|n| (n.annotations().clone(), n.labels().clone()))
+            .unwrap_or_default();
+        Ok(PodInfo {
+            uid: pod.meta().uid.clone(),
+            annotations: pod.annotations().clone(),
+            namespace_annotations,
+            namespace_labels,
+        })
+    }
+
+    /// Calico's annotations, through the status subresource as Calico does (RBAC
+    /// pods/status). The UID, when known, makes the patch fail on a re-created pod.
+    pub(super) async fn annotate(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+        container_id: &str,
+        addrs: &[IpNet],
+    ) -> Result<(), HandlerError> {
+        let ips: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        let annotations = json!({
+            ANNOTATION_POD_IP: ips.first().cloned().unwrap_or_default(),
+            ANNOTATION_POD_IPS: ips.join(","),
+            ANNOTATION_CONTAINER_ID: container_id,
+        });
+        self.patch_annotations(namespace, name, uid, annotations)
+            .await
+            .map_err(api_err("annotate pod", format!("{namespace}/{name}")))
+    }
+
+    /// DEL's half of the annotations: the IPs are blanked (as Calico does) when this
+    /// container wrote them; the container ID stays so a repeated DEL can tell. The cache
+    /// may not show our own ADD's patch yet, so a "not ours" from it is confirmed by a GET.
+    pub(super) async fn clear_ips(
+        &self,
+        namespace: &str,
+        name: &str,
+        container_id: &str,
+    ) -> Result<bool, HandlerError> {
+        let ours = |p: &Pod| {
+            let ann = p.annotations();
+            ann.get(ANNOTATION_CONTAINER_ID).map(String::as_str) == Some(container_id)
+                && ann.get(ANNOTATION_POD_IPS).is_some_and(|v| !v.is_empty())
+        };
+        let cached = self.pods.get(&ObjectRef::new(name).within(namespace));
+        let pod = match cached {
+            Some(p) if ours(&p) => p,
+            _ => {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+                let read = pods
+                    .get_opt(name)
+                    .await
+                    .map_err(api_err("read pod", format!("{namespace}/{name}")))?;
+                match read {
+                    Some(p) if ours(&p) => Arc::new(p),
+                    _ => return Ok(false),
+                }
+            }
+        };
+        self.blank_ips(namespace, name, pod.meta().uid.as_deref())
+            .await
+    }
+
+    /// Blanks the IP annotations of the pod with `uid` (when given); a pod that is gone or
+    /// was re-created under the same name is left alone.
+    pub(super) async fn blank_ips(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+    ) -> Result<bool, HandlerError> {
+        let annotations = json!({ANNOTATION_POD_IP: "", ANNOTATION_POD_IPS: ""});
+        match self
+            .patch_annotations(namespace, name, uid, annotations)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+            Err(e) => Err(api_err(
+                "clear pod IP annotations",
+                format!("{namespace}/{name}"),
+            )(e)),
+        }
+    }
+
+    async fn patch_annotations(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+        annotations: Value,
+    ) -> Result<(), kube::Error> {
+        let mut metadata = Map::new();
+        metadata.insert("annotations".into(), annotations);
+        if let Some(uid) = uid {
+            metadata.insert("uid".into(), Value::String(uid.to_string()));
+        }
+        let patch = json!({ "metadata": metadata });
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+}
+
+// Only metadata is read: spec, status and managed fields are the bulk of these objects.
+fn trim_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.spec = None;
+    p.status = None;
+}
+
+fn trim_namespace(n: &mut Namespace) {
+    n.metadata.managed_fields = None;
+    n.spec = None;
+    n.status = None;
 }

@@ -41,22 +41,51 @@ impl CniDaemon {
             addrs.extend(prev.ips.iter().map(|ip| IpNet::from(ip.address.addr())));
         }
         let addrs: Vec<IpNet> = addrs.into_iter().collect();
-        if request.kind == PluginKind::Main {
-            let host_ifname = match (
-                request.args.k8s_pod_namespace.as_deref(),
-                request.args.k8s_pod_name.as_deref(),
-            ) {
-                (Some(ns), Some(pod)) => host_veth_name(ns, pod),
-                // Without the pod's name only the pod side (and so the pair) can go.
-                _ => String::new(),
-            };
-            let done = self
-                .plumber
-                .detach(netns.as_ref(), ifname, &host_ifname, &addrs)
-                .await?;
-            tracing::debug!(container, ?done, "plumbing removed");
+        let pod = request
+            .args
+            .k8s_pod_namespace
+            .as_deref()
+            .zip(request.args.k8s_pod_name.as_deref());
+        // Without the pod's name only the pod side (and so the pair) can go.
+        let host_ifname = pod
+            .map(|(ns, name)| host_veth_name(ns, name))
+            .unwrap_or_default();
+        let main = request.kind == PluginKind::Main;
+        // Routes first: once nothing routes to the addresses they may be released while the
+        // kernel takes its time removing the veth pair.
+        let unrouted = if main {
+            Some(self.plumber.unroute(&host_ifname, &addrs).await?)
+        } else {
+            None
+        };
+        let links = async {
+            match unrouted {
+                Some(u) => {
+                    let done = self
+                        .plumber
+                        .remove_links(u, netns.as_ref(), ifname, &host_ifname)
+                        .await?;
+                    tracing::debug!(container, ?done, "plumbing removed");
+                    Ok::<(), HandlerError>(())
+                }
+                None => Ok(()),
+            }
+        };
+        let clear = async {
+            match pod {
+                Some((ns, name)) => self.pods.clear_ips(ns, name, container).await,
+                None => Ok(false),
+            }
+        };
+        let release = self.ipam.release_by_handle(&handle);
+        let (removed, cleared, released) = tokio::join!(links, clear, release);
+        removed?;
+        let released = released?;
+        // The addresses are what matters; stale annotations only mislead readers until
+        // the next ADD, so an API hiccup here does not fail the DEL.
+        if let Err(e) = cleared {
+            tracing::warn!(container, error = %e, "could not blank the pod's IP annotations");
         }
-        let released = self.ipam.release_by_handle(&handle).await?;
         tracing::debug!(container, released = released.len(), "addresses released");
         Ok(())
     }

@@ -122,34 +122,62 @@ impl Plumber {
         host_ifname: &str,
         addrs: &[IpNet],
     ) -> Result<Detached, PlumbingError> {
+        let unrouted = self.unroute(host_ifname, addrs).await?;
+        self.remove_links(unrouted, pod_ns, pod_ifname, host_ifname)
+            .await
+    }
+
+    /// Detach, first half: the host routes of `addrs` on `host_ifname` go, so nothing
+    /// reaches the pod by its addresses any more (they may be released from here on).
+    pub async fn unroute(
+        &self,
+        host_ifname: &str,
+        addrs: &[IpNet],
+    ) -> Result<Unrouted, PlumbingError> {
         let host = self.host_handle();
-        let mut done = Detached::default();
         // Routes die with their device, so only routes on this veth can exist; checking the
         // device also keeps a repeated DEL off an address that went to another pod since.
-        let host_link = links::link_by_name(host, host_ifname).await?;
-        let mut owns_host_link = false;
-        if let Some(link) = &host_link {
+        // The delete names destination, device and protocol, so the kernel removes exactly
+        // tortie's route on this veth (no dump: concurrent DELs share the host socket).
+        let mut out = Unrouted {
+            host_link: links::link_by_name(host, host_ifname).await?,
+            ..Unrouted::default()
+        };
+        if let Some(link) = &out.host_link {
             for addr in addrs {
-                for route in links::routes_to(host, *addr).await? {
-                    if route.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
-                        || route.oif != Some(link.header.index)
-                    {
-                        continue;
+                let msg = host_route(*addr, link.header.index)?;
+                match host.route().del(msg).execute().await {
+                    Ok(()) => {
+                        out.host_routes += 1;
+                        out.owns_host_link = true;
                     }
-                    owns_host_link = true;
-                    match host.route().del(route.message.clone()).execute().await {
-                        Ok(()) => done.host_routes += 1,
-                        Err(e) if errno(&e) == Some(libc::ESRCH) => {}
-                        Err(e) => {
-                            return Err(PlumbingError::netlink(
-                                format!("delete host route {addr}"),
-                                e,
-                            ));
-                        }
+                    Err(e) if errno(&e) == Some(libc::ESRCH) => {}
+                    Err(e) => {
+                        return Err(PlumbingError::netlink(
+                            format!("delete host route {addr} dev {host_ifname}"),
+                            e,
+                        ));
                     }
                 }
             }
         }
+        Ok(out)
+    }
+
+    /// Detach, second half: the veth pair. Slow (the kernel waits for an RCU grace period
+    /// per device), which is why DEL runs it beside the address release.
+    pub async fn remove_links(
+        &self,
+        unrouted: Unrouted,
+        pod_ns: Option<&File>,
+        pod_ifname: &str,
+        host_ifname: &str,
+    ) -> Result<Detached, PlumbingError> {
+        let host = self.host_handle();
+        let mut done = Detached {
+            host_routes: unrouted.host_routes,
+            ..Detached::default()
+        };
         if let Some(ns) = pod_ns {
             let pod = NsNetlink::open(ns)
                 .await
@@ -161,15 +189,24 @@ impl Plumber {
         }
         // Deleting the pod side took the pair already; otherwise the host side goes alone.
         let mut host_deleted = done.pod_interface;
-        if owns_host_link
+        if unrouted.owns_host_link
             && !host_deleted
-            && let Some(link) = host_link
+            && let Some(link) = unrouted.host_link
         {
             host_deleted = links::delete_link(host, link.header.index, host_ifname).await?;
         }
         done.host_interface = host_deleted;
         Ok(done)
     }
+}
+
+/// What the first half of a detach found and did.
+#[derive(Debug, Default)]
+pub struct Unrouted {
+    host_link: Option<netlink_packet_route::link::LinkMessage>,
+    /// A host route of the pod's addresses pointed at the host veth: it is this pod's.
+    owns_host_link: bool,
+    host_routes: usize,
 }
 
 /// Calico's host-side settings: answer ARP for the gateway, forward, no ARP delay; for IPv6
@@ -291,19 +328,27 @@ fn default_route(
         .build())
 }
 
+/// tortie's host route to a pod address: `<addr> dev cali… scope link proto 80`.
+fn host_route(
+    addr: IpNet,
+    host_index: u32,
+) -> Result<netlink_packet_route::route::RouteMessage, PlumbingError> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(addr.addr(), addr.prefix_len())
+        .map_err(|e| PlumbingError::Mismatch(format!("host route {addr}: {e}")))?
+        .output_interface(host_index)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build())
+}
+
 async fn add_host_route(
     host: &Handle,
     addr: IpNet,
     host_index: u32,
     host_ifname: &str,
 ) -> Result<(), PlumbingError> {
-    let msg = RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(addr.addr(), addr.prefix_len())
-        .map_err(|e| PlumbingError::Mismatch(format!("host route {addr}: {e}")))?
-        .output_interface(host_index)
-        .scope(RouteScope::Link)
-        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-        .build();
+    let msg = host_route(addr, host_index)?;
     match host.route().add(msg).execute().await {
         Ok(()) => Ok(()),
         Err(e) if errno(&e) == Some(libc::EEXIST) => {

@@ -99,6 +99,7 @@ pub(crate) fn name_of(link: &LinkMessage) -> Option<String> {
 
 /// Addresses (with prefix length) on link `index`.
 pub(crate) async fn addresses_of(handle: &Handle, index: u32) -> Result<Vec<IpNet>, PlumbingError> {
+    let _turn = DUMPS.lock().await;
     let msgs: Vec<AddressMessage> = handle
         .address()
         .get()
@@ -173,8 +174,13 @@ fn view(msg: RouteMessage) -> Option<RouteView> {
     })
 }
 
+/// The kernel runs one dump at a time per netlink socket and answers a second with EBUSY;
+/// concurrent CNI requests share the host socket, so dumps take turns.
+static DUMPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Every route of `family` in the namespace of `handle` (all tables).
 pub(crate) async fn routes(handle: &Handle, v6: bool) -> Result<Vec<RouteView>, PlumbingError> {
+    let _turn = DUMPS.lock().await;
     let query = if v6 {
         RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
     } else {

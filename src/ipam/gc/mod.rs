@@ -5,6 +5,7 @@
 //! Entry points: `watch_pods` (the Pod reflector the GC reads; no LIST per pass), `run` (the
 //! leader loop, idle while `is_leader` is false) and `local::run` (node-local hygiene).
 
+mod handles;
 pub mod local;
 pub mod verdict;
 
@@ -13,11 +14,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod, PodStatus};
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
@@ -30,6 +29,7 @@ use self::verdict::{
 use super::Ipam;
 use super::IpamError;
 use super::metrics::{UNKNOWN_NODE, pool_label};
+use crate::datastore::reflect;
 
 /// Calico's default `leakGracePeriod`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
@@ -92,38 +92,26 @@ pub struct Cluster {
 /// A reflector of every Pod, trimmed to what leak decisions read (uid, Calico's podIP
 /// annotations, phase, addresses) so a large cluster's pods cost little memory.
 pub fn watch_pods(client: Client) -> (Store<Pod>, JoinHandle<()>) {
-    reflect(Api::all(client), trim_pod)
+    reflect(
+        Api::all(client),
+        watcher::Config::default(),
+        trim_pod,
+        "IPAM GC pods",
+    )
 }
 
 /// A reflector of every Node (names only matter here). The daemon's `Datastore` already
 /// has one; this is for callers without it.
 pub fn watch_nodes(client: Client) -> (Store<Node>, JoinHandle<()>) {
-    reflect(Api::all(client), |n: &mut Node| {
-        n.managed_fields_mut().clear();
-        n.status = None;
-    })
-}
-
-fn reflect<K>(api: Api<K>, trim: fn(&mut K)) -> (Store<K>, JoinHandle<()>)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync,
-    K: 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let task = tokio::spawn(async move {
-        let stream = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .modify(trim)
-            .reflect(writer);
-        futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, "IPAM GC watch failed; retrying");
-            }
-        }
-    });
-    (store, task)
+    reflect(
+        Api::all(client),
+        watcher::Config::default(),
+        |n: &mut Node| {
+            n.managed_fields_mut().clear();
+            n.status = None;
+        },
+        "IPAM GC nodes",
+    )
 }
 
 fn trim_pod(p: &mut Pod) {
@@ -162,6 +150,7 @@ pub async fn run(
     let mut gc = LeaderGc {
         ipam,
         pods_api: Api::all(cluster.client.clone()),
+        handles: handles::HandleGc::new(cluster.client.clone()),
         nodes_api: Api::all(cluster.client),
         pods: cluster.pods,
         nodes: cluster.nodes,
@@ -217,6 +206,7 @@ pub async fn run(
         }
         tracing::info!("no longer leading IPAM garbage collection");
         gc.tracker.reset();
+        gc.handles.reset();
         gc.status.update(|c| c.candidates.clear());
     }
 }
@@ -236,6 +226,7 @@ struct LeaderGc {
     cfg: GcConfig,
     status: GcStatus,
     tracker: LeakTracker,
+    handles: handles::HandleGc,
 }
 
 /// Answers of live GETs within one pass, so each pod and node is asked at most once.
@@ -251,6 +242,10 @@ impl LeaderGc {
     }
 
     async fn pass(&mut self) {
+        // First, so an orphan handle seen in the same pass as a leak goes no later than it.
+        if let Err(e) = self.handles.pass(&self.ipam, self.cfg.grace).await {
+            tracing::warn!(error = %e, "collecting IPAMHandles without allocations failed; retrying next pass");
+        }
         if let Err(e) = self.collect_leaks().await {
             tracing::warn!(error = %e, "IPAM leak collection failed; retrying next pass");
         }

@@ -1,7 +1,8 @@
-//! IPAMHandle objects, kept so Calico's tools find each handle's blocks. They are written
-//! after the block (the block is the record of who holds an address): a crash in between
-//! leaves an allocation without a handle object, found by release via the block cache and
-//! by `ipam check`/GC, never an address held twice.
+//! IPAMHandle objects, kept so Calico's tools find each handle's blocks. The block is the
+//! record of who holds an address; the handle is written beside it (see `Ipam::auto_assign`),
+//! so a crash in between leaves a handle without allocations or an allocation without a
+//! handle object: found by release via the block cache and by `ipam check`/GC, never an
+//! address held twice.
 
 use std::collections::BTreeMap;
 
@@ -20,78 +21,116 @@ pub async fn add(
     handle: &str,
     counts: &BTreeMap<IpNet, usize>,
 ) -> Result<(), IpamError> {
+    let delta = counts.iter().map(|(c, n)| (*c, *n as i64)).collect();
+    change(api, handle, &delta).await
+}
+
+/// Applies `delta` (block → change in addresses) to the handle: created when missing (with
+/// the positive counts), blocks whose count drops to zero are dropped, and a handle left
+/// with none is deleted (with preconditions, so only the object just read goes).
+pub async fn change(
+    api: &Api<IPAMHandle>,
+    handle: &str,
+    delta: &BTreeMap<IpNet, i64>,
+) -> Result<(), IpamError> {
+    if delta.is_empty() {
+        return Ok(());
+    }
     let name = handle_object_name(handle);
-    let fresh = IPAMHandle::new(
-        &name,
-        IPAMHandleSpec {
-            handle_id: handle.to_string(),
-            block: counts
-                .iter()
-                .map(|(c, n)| (c.to_string(), *n as i64))
-                .collect(),
-            deleted: false,
-        },
-    );
+    let fresh_counts: BTreeMap<String, i64> = delta
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(c, n)| (c.to_string(), *n))
+        .collect();
     for attempt in 0..MAX_CAS_RETRIES {
         // Almost every handle is new (one per container), so the first try is a blind create.
-        let existing = if attempt == 0 {
+        let existing = if attempt == 0 && !fresh_counts.is_empty() {
             None
         } else {
             api.get_opt(&name)
                 .await
                 .map_err(|e| api_err(&name, "read", e))?
         };
-        match existing {
-            None => match api.create(&PostParams::default(), &fresh).await {
-                Ok(_) => return Ok(()),
-                Err(e) if is_already_exists(&e) => continue,
-                Err(e) => return Err(api_err(&name, "create", e)),
-            },
+        let result = match existing {
+            None if fresh_counts.is_empty() => return Ok(()),
+            None => {
+                let fresh = IPAMHandle::new(
+                    &name,
+                    IPAMHandleSpec {
+                        handle_id: handle.to_string(),
+                        block: fresh_counts.clone(),
+                        deleted: false,
+                    },
+                );
+                match api.create(&PostParams::default(), &fresh).await {
+                    Err(e) if is_already_exists(&e) => continue,
+                    r => r.map(|_| ()).map_err(|e| api_err(&name, "create", e)),
+                }
+            }
             Some(mut h) => {
                 if h.spec.deleted {
                     // A half-finished delete: its counts are void.
                     h.spec.block.clear();
                     h.spec.deleted = false;
                 }
-                for (c, n) in counts {
-                    *h.spec.block.entry(c.to_string()).or_insert(0) += *n as i64;
+                for (c, n) in delta {
+                    *h.spec.block.entry(c.to_string()).or_insert(0) += *n;
                 }
-                match api.replace(&name, &PostParams::default(), &h).await {
-                    Ok(_) => return Ok(()),
+                h.spec.block.retain(|_, n| *n > 0);
+                let written = if h.spec.block.is_empty() {
+                    let dp = DeleteParams::default().preconditions(Preconditions {
+                        resource_version: h.resource_version(),
+                        uid: h.uid(),
+                    });
+                    api.delete(&name, &dp).await.map(|_| ())
+                } else {
+                    api.replace(&name, &PostParams::default(), &h)
+                        .await
+                        .map(|_| ())
+                };
+                match written {
                     Err(e) if is_conflict(&e) => continue,
-                    Err(e) => return Err(api_err(&name, "update", e)),
+                    Err(e) if is_not_found(&e) => continue,
+                    r => r.map_err(|e| api_err(&name, "update", e)),
                 }
             }
-        }
+        };
+        return result;
     }
     Err(IpamError::TooManyConflicts {
         object: format!("IPAMHandle {name}"),
     })
 }
 
-/// The blocks the handle object says it holds addresses in (empty when it does not exist).
-pub async fn blocks_of(api: &Api<IPAMHandle>, handle: &str) -> Result<Vec<IpNet>, IpamError> {
+/// The handle object, if it exists.
+pub async fn read(api: &Api<IPAMHandle>, handle: &str) -> Result<Option<IPAMHandle>, IpamError> {
     let name = handle_object_name(handle);
-    let h = api
-        .get_opt(&name)
+    api.get_opt(&name)
         .await
-        .map_err(|e| api_err(&name, "read", e))?;
-    Ok(
-        h.map(|h| h.spec.block.keys().filter_map(|k| k.parse().ok()).collect())
-            .unwrap_or_default(),
-    )
+        .map_err(|e| api_err(&name, "read", e))
+}
+
+/// The blocks a handle object says it holds addresses in.
+pub fn blocks_in(h: &IPAMHandle) -> Vec<IpNet> {
+    h.spec.block.keys().filter_map(|k| k.parse().ok()).collect()
 }
 
 /// Deletes the handle object once all its addresses are released. The delete carries the
-/// resourceVersion and UID just read, so it removes exactly that object (a conflict re-reads).
-pub async fn delete(api: &Api<IPAMHandle>, handle: &str) -> Result<(), IpamError> {
+/// resourceVersion and UID of the object read (`first`, else a fresh read), so it removes
+/// exactly that object; a conflict re-reads.
+pub async fn delete(
+    api: &Api<IPAMHandle>,
+    handle: &str,
+    first: Option<IPAMHandle>,
+) -> Result<(), IpamError> {
     let name = handle_object_name(handle);
-    for _ in 0..MAX_CAS_RETRIES {
-        let Some(h) = api
-            .get_opt(&name)
-            .await
-            .map_err(|e| api_err(&name, "read", e))?
-        else {
+    let mut known = first;
+    for attempt in 0..MAX_CAS_RETRIES {
+        let current = match known.take() {
+            Some(h) if attempt == 0 => Some(h),
+            _ => read(api, handle).await?,
+        };
+        let Some(h) = current else {
             return Ok(());
         };
         let dp = DeleteParams::default().preconditions(Preconditions {

@@ -5,12 +5,15 @@
 //! Crash safety. The IPAMBlock is the only record of who holds an address, and it changes only
 //! by a PUT carrying the resourceVersion that was read (409 → re-read, retry, at most
 //! `MAX_CAS_RETRIES`), or by a create that fails if the block exists. An address reaches a
-//! caller only after the PUT recording it succeeded. Write order per allocation: block first,
-//! then the IPAMHandle; per release: block first, then the handle is deleted. So a crash:
+//! caller only after the PUT recording it and the IPAMHandle write both succeeded; the two
+//! run in parallel (as Calico writes the handle before the block). Per release: block
+//! first, then the handle is deleted. So a crash:
 //! - after the BlockAffinity `pending` create: a stray pending affinity, ignored by readers;
 //! - after the block create: the block is ours (its `affinity` says so), found on restart;
-//! - after the block PUT, before the handle write: an allocation with no handle object (the
-//!   caller got no answer, so no pod uses it): a leak for GC and `ipam check`, not a duplicate;
+//! - with only the block PUT landed: an allocation with no handle object (the caller got no
+//!   answer, so no pod uses it): a leak for GC and `ipam check`, not a duplicate;
+//! - with only the handle written: a handle without allocations, deleted by the leader's GC
+//!   after the grace period;
 //! - after a release PUT, before the handle delete: a handle object with no addresses.
 //!
 //! A PUT that fails for another reason (timeout) may still have landed: the callers get an
@@ -203,25 +206,66 @@ impl Ipam {
 
     /// Allocates one address per requested family. Returns host prefixes (/32, /128). On any
     /// failure nothing stays allocated under the handle for this call.
+    ///
+    /// The handle object is written while the block PUTs are in flight, with the blocks the
+    /// plan expects (one round trip instead of two on the CNI's critical path); when a block
+    /// turned out full or lost, the handle is corrected afterwards. The caller hears of the
+    /// addresses only once both are written.
     pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<IpNet>, IpamError> {
         let _timer = self.activity.assign_seconds.start_timer();
         let owner = Owner {
             handle_id: req.handle.clone(),
             attrs: req.attrs.clone(),
         };
-        let mut got: Vec<(IpNet, IpAddr)> = Vec::new();
-        let families = [(req.v4, Family::V4), (req.v6, Family::V6)];
-        for family in families.iter().filter(|(want, _)| *want).map(|(_, f)| *f) {
-            match self.assign_one(family, req, &owner).await {
-                Ok(pair) => got.push(pair),
-                Err(e) => {
-                    self.undo(&req.handle, &got).await;
-                    return Err(e);
+        let families: Vec<Family> = [(req.v4, Family::V4), (req.v6, Family::V6)]
+            .into_iter()
+            .filter(|(want, _)| *want)
+            .map(|(_, f)| f)
+            .collect();
+        let expected: BTreeMap<IpNet, i64> = counts(
+            families
+                .iter()
+                .filter_map(|f| self.next_step(*f, req, &[]).ok())
+                .map(|step| step.cidr()),
+        );
+        let record = handle::change(&self.handles, &req.handle, &expected);
+        let assign = async {
+            let mut got: Vec<(IpNet, IpAddr)> = Vec::new();
+            for family in &families {
+                match self.assign_one(*family, req, &owner).await {
+                    Ok(pair) => got.push(pair),
+                    Err(e) => return Err((got, e)),
                 }
             }
+            Ok(got)
+        };
+        let (recorded, assigned) = tokio::join!(record, assign);
+        let addrs = |got: Vec<(IpNet, IpAddr)>| got.into_iter().map(|(_, a)| IpNet::from(a));
+        let (got, e, wrote_handle) = match assigned {
+            Err((got, e)) => (got, e, recorded.is_ok()),
+            Ok(got) => {
+                let actual = counts(got.iter().map(|(c, _)| *c));
+                match recorded {
+                    Ok(()) if actual == expected => return Ok(addrs(got).collect()),
+                    Ok(()) => {
+                        let fix = diff(&actual, &expected);
+                        match handle::change(&self.handles, &req.handle, &fix).await {
+                            Ok(()) => return Ok(addrs(got).collect()),
+                            Err(e) => (got, e, true),
+                        }
+                    }
+                    Err(e) => (got, e, false),
+                }
+            }
+        };
+        self.undo(&req.handle, &got).await;
+        if wrote_handle {
+            let back: BTreeMap<IpNet, i64> = expected.iter().map(|(c, n)| (*c, -n)).collect();
+            if let Err(undo) = handle::change(&self.handles, &req.handle, &back).await {
+                tracing::warn!(handle = %req.handle, error = %undo, "could not undo the handle record of a failed allocation");
+            }
         }
-        self.record_handle(&req.handle, &got).await?;
-        Ok(got.into_iter().map(|(_, a)| IpNet::from(a)).collect())
+        Err(e)
     }
 
     async fn assign_one(
@@ -447,18 +491,41 @@ impl Ipam {
 
     /// Releases every address of `handle`, wherever it is; releasing an unknown handle is a
     /// success. The handle object goes only after every block released its addresses.
+    /// The blocks the view knows are released while the handle object is read; blocks only
+    /// the object names (the view not caught up yet) follow.
     pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
-        let mut cidrs = handle::blocks_of(&self.handles, handle).await?;
-        cidrs.extend(self.with_view(|v| v.handles.get(handle).cloned().unwrap_or_default()));
-        cidrs.sort();
-        cidrs.dedup();
-        let results =
-            futures::future::join_all(cidrs.iter().map(|c| self.writers.release(*c, handle))).await;
+        let known: Vec<IpNet> = self.with_view(|v| {
+            v.handles
+                .get(handle)
+                .map(|c| c.iter().copied().collect())
+                .unwrap_or_default()
+        });
+        let release_all = |cidrs: Vec<IpNet>| {
+            futures::future::join_all(
+                cidrs
+                    .into_iter()
+                    .map(|c| self.writers.release(c, handle))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (object, first) = tokio::join!(
+            handle::read(&self.handles, handle),
+            release_all(known.clone())
+        );
+        let object = object?;
+        let extra: Vec<IpNet> = object
+            .as_ref()
+            .map(handle::blocks_in)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| !known.contains(c))
+            .collect();
+        let second = release_all(extra).await;
         let mut released = Vec::new();
-        for r in results {
+        for r in first.into_iter().chain(second) {
             released.extend(r?);
         }
-        handle::delete(&self.handles, handle).await?;
+        handle::delete(&self.handles, handle, object).await?;
         Activity::add(&self.activity.releases, released.len());
         if !released.is_empty() {
             tracing::info!(handle, addresses = ?released, "released addresses");
@@ -485,5 +552,50 @@ impl Ipam {
                 tracing::warn!(handle, block = %cidr, error = %e, "could not undo a partial allocation");
             }
         }
+    }
+}
+
+/// Addresses per block.
+fn counts(cidrs: impl Iterator<Item = IpNet>) -> BTreeMap<IpNet, i64> {
+    let mut out = BTreeMap::new();
+    for c in cidrs {
+        *out.entry(c).or_insert(0) += 1;
+    }
+    out
+}
+
+/// What turns `from` into `to`, block by block.
+fn diff(to: &BTreeMap<IpNet, i64>, from: &BTreeMap<IpNet, i64>) -> BTreeMap<IpNet, i64> {
+    let mut out = to.clone();
+    for (c, n) in from {
+        *out.entry(*c).or_insert(0) -= n;
+    }
+    out.retain(|_, n| *n != 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn counts_group_addresses_by_block() {
+        let c = counts([net("10.0.0.0/26"), net("fd00::/122"), net("10.0.0.0/26")].into_iter());
+        assert_eq!(c[&net("10.0.0.0/26")], 2);
+        assert_eq!(c[&net("fd00::/122")], 1);
+    }
+
+    #[test]
+    fn diff_moves_a_missed_prediction_to_the_real_block() {
+        let expected = counts([net("10.0.0.0/26")].into_iter());
+        let actual = counts([net("10.0.0.64/26")].into_iter());
+        let fix = diff(&actual, &expected);
+        assert_eq!(fix[&net("10.0.0.0/26")], -1);
+        assert_eq!(fix[&net("10.0.0.64/26")], 1);
+        assert!(diff(&actual, &actual).is_empty());
     }
 }
