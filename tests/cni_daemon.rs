@@ -615,14 +615,7 @@ async fn status_follows_readiness_and_gc_releases_what_is_not_valid() -> anyhow:
     create_pod(&client, "gone", &[]).await?;
     assert!(cnitool(&h, "add", "keep", &keep_ns.path()).await?.ok);
     assert!(cnitool(&h, "add", "gone", &drop_ns.path()).await?.ok);
-    let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), "default");
-    let keep_id = pods
-        .get("keep")
-        .await?
-        .metadata
-        .annotations
-        .unwrap_or_default()["cni.projectcalico.org/containerID"]
-        .clone();
+    let keep_id = support::cni::cnitool_container_id(&keep_ns.path());
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] =
         serde_json::json!([{"containerID": keep_id, "ifname": "eth0"}]);

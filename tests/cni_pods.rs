@@ -36,11 +36,16 @@ fn first_ip(add: &Outcome) -> String {
         .to_string()
 }
 
-async fn annotations(h: &Harness, pod: &str) -> anyhow::Result<BTreeMap<String, String>> {
-    let p = Api::<Pod>::namespaced(h.cp.client(), "default")
-        .get(pod)
-        .await?;
-    Ok(p.metadata.annotations.unwrap_or_default())
+/// The pod's annotations once ADD's background patch has named `container`.
+async fn annotations(
+    h: &Harness,
+    pod: &str,
+    container: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    support::cni::annotations_when(&h.cp.client(), pod, |a| {
+        a.get(CONTAINER_ID).map(String::as_str) == Some(container)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -56,14 +61,14 @@ async fn del_blanks_the_pod_ip_annotations_only_for_the_container_that_wrote_the
     let add = cnitool(&h, "add", "web-0", uid.as_deref(), &old.path()).await?;
     assert!(add.ok, "ADD failed: {} {}", add.stdout, add.stderr);
     let ip = first_ip(&add);
-    let a = annotations(&h, "web-0").await?;
+    let a = annotations(&h, "web-0", &old_id).await?;
     assert_eq!(a[POD_IPS], ip);
     assert_eq!(a[POD_IP], ip);
     assert_eq!(a[CONTAINER_ID], old_id);
 
     let del = cnitool(&h, "del", "web-0", uid.as_deref(), &old.path()).await?;
     assert!(del.ok, "DEL failed: {} {}", del.stdout, del.stderr);
-    let a = annotations(&h, "web-0").await?;
+    let a = annotations(&h, "web-0", &old_id).await?;
     assert_eq!(a[POD_IP], "", "DEL blanks podIP: {a:?}");
     assert_eq!(a[POD_IPS], "", "DEL blanks podIPs: {a:?}");
     assert_eq!(
@@ -78,7 +83,7 @@ async fn del_blanks_the_pod_ip_annotations_only_for_the_container_that_wrote_the
     let new_ip = first_ip(&add);
     let del = cnitool(&h, "del", "web-0", uid.as_deref(), &old.path()).await?;
     assert!(del.ok, "repeated DEL failed: {} {}", del.stdout, del.stderr);
-    let a = annotations(&h, "web-0").await?;
+    let a = annotations(&h, "web-0", &new_id).await?;
     assert_eq!(a[POD_IPS], new_ip, "{a:?}");
     assert_eq!(a[CONTAINER_ID], new_id, "{a:?}");
     let routes = h.node.exec_ok(&["ip", "route", "show", "proto", "80"])?;
@@ -120,7 +125,8 @@ async fn add_for_a_pod_recreated_under_the_same_name_uses_the_new_pod() -> anyho
     let add = cnitool(&h, "add", "db-0", uid.as_deref(), &ns.path()).await?;
     assert!(add.ok, "ADD failed: {} {}", add.stdout, add.stderr);
     assert_eq!(first_ip(&add), "10.244.0.20/32", "the new pod's annotation");
-    let a = annotations(&h, "db-0").await?;
+    let container = support::cni::cnitool_container_id(&ns.path());
+    let a = annotations(&h, "db-0", &container).await?;
     assert_eq!(a[POD_IP], "10.244.0.20/32");
     // The allocation records the new pod's UID (the GC judges leaks by it).
     let held = h.daemon.ipam().with_view(|v| {

@@ -300,3 +300,23 @@ pub fn plugin_config(h: &Harness) -> anyhow::Result<Value> {
     conf["cniVersion"] = list["cniVersion"].clone();
     Ok(conf)
 }
+
+/// The pod's annotations once `done` holds for them (ADD writes Calico's annotations just
+/// after it answers); the last ones seen after 10 s.
+pub async fn annotations_when(
+    client: &Client,
+    pod: &str,
+    done: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = Api::<Pod>::namespaced(client.clone(), "default")
+            .get(pod)
+            .await?;
+        let ann = p.metadata.annotations.unwrap_or_default();
+        if done(&ann) || std::time::Instant::now() > deadline {
+            return Ok(ann);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

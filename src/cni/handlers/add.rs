@@ -1,6 +1,7 @@
-//! ADD and CHECK. ADD: pod lookup → IPAM (fixed IPs from `ipAddrs`, else the pool choice)
-//! → plumbing → annotations → result. Any failure after the allocation undoes the plumbing
-//! and releases the handle, so a failed ADD leaves nothing behind.
+//! ADD and CHECK. ADD: pod lookup (watch cache) → IPAM (fixed IPs from `ipAddrs`, else the
+//! pool choice) while the veth pair is built → addresses and routes → result, then Calico's
+//! pod annotations in the background with the container still locked. Any failure undoes
+//! the plumbing and releases the handle, so a failed ADD leaves nothing behind.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -45,6 +46,22 @@ fn target(request: &Request) -> Result<Target<'_>, HandlerError> {
     })
 }
 
+/// The address families the pod will get: its fixed IPs when it names some, else the
+/// families the network config asks for.
+fn families(info: &PodInfo, opts: &IpamOptions) -> (bool, bool) {
+    match info
+        .annotations
+        .get(ANNOTATION_IP_ADDRS)
+        .and_then(|v| parse_ip_addrs(v).ok())
+    {
+        Some(fixed) if !fixed.is_empty() => (
+            fixed.iter().any(IpAddr::is_ipv4),
+            fixed.iter().any(IpAddr::is_ipv6),
+        ),
+        _ => (opts.v4, opts.v6),
+    }
+}
+
 fn host_prefix(addr: IpAddr) -> IpNet {
     IpNet::from(addr)
 }
@@ -74,7 +91,7 @@ impl CniDaemon {
         };
         let mtu = options::mtu(&request.raw_config, self.settings.default_mtu)?;
         let opts = options::ipam_options(&request.raw_config)?;
-        let _serial = self.locks.lock(t.container).await;
+        let serial = self.locks.lock(t.container).await;
         let handle = pod_handle(t.container);
 
         // A repeated ADD of a live attachment answers with what exists; anything else
@@ -97,30 +114,80 @@ impl CniDaemon {
             .lookup(t.namespace, t.pod, request.args.k8s_pod_uid.as_deref())
             .await?;
         let t1 = std::time::Instant::now();
-        let addrs = self.allocate(&handle, &t, &info, &opts).await?;
-        let t2 = std::time::Instant::now();
-        match self
-            .finish_add(request, &t, &info, netns.as_ref(), &addrs, mtu)
-            .await
-        {
-            Ok(result) => {
-                let ms =
-                    |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
-                tracing::debug!(
-                    container = t.container,
-                    lookup_ms = ms(t0, t1),
-                    ipam_ms = ms(t1, t2),
-                    plumb_and_annotate_ms = ms(t2, std::time::Instant::now()),
-                    "ADD phases"
-                );
-                Ok(result)
+        // The veth pair needs no address: it is built while IPAM writes the block.
+        let host_ifname = host_veth_name(t.namespace, t.pod);
+        let (v4, v6) = families(&info, &opts);
+        let prepare = async {
+            match netns.as_ref() {
+                Some(ns) => self
+                    .plumber
+                    .prepare(ns, &host_ifname, t.ifname, mtu, v4, v6)
+                    .await
+                    .map(Some),
+                None => Ok(None),
             }
-            Err(e) => {
-                if let Err(undo) = self.ipam.release_by_handle(&handle).await {
-                    tracing::warn!(handle, error = %undo, "could not release the addresses of a failed ADD");
+        };
+        let (prepared, allocated) = tokio::join!(prepare, self.allocate(&handle, &t, &info, &opts));
+        let (prepared, addrs) = match (prepared, allocated) {
+            (Ok(p), Ok(a)) => (p, a),
+            (prepared, Err(e)) => {
+                // IPAM undid its own part; the pair goes too.
+                if let Ok(Some(p)) = prepared {
+                    self.plumber.abandon(p).await;
                 }
-                Err(e)
+                return Err(e);
             }
+            (Err(e), Ok(_)) => {
+                self.release_failed(&handle).await;
+                return Err(e.into());
+            }
+        };
+        let t2 = std::time::Instant::now();
+        let attached = match prepared {
+            Some(p) => match self.plumber.address(p, &addrs).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    self.release_failed(&handle).await;
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
+        tracing::debug!(
+            container = t.container,
+            lookup_ms = ms(t0, t1),
+            ipam_and_veth_ms = ms(t1, t2),
+            addressing_ms = ms(t2, std::time::Instant::now()),
+            "ADD phases"
+        );
+        // Calico's annotations follow the answer; the container stays locked until they are
+        // written, so a DEL of it can never be overtaken by them.
+        let annotations = self.pods.annotations().clone();
+        let (namespace, pod, container) = (
+            t.namespace.to_string(),
+            t.pod.to_string(),
+            t.container.to_string(),
+        );
+        let (uid, written) = (info.uid.clone(), addrs.clone());
+        tokio::spawn(async move {
+            annotations
+                .annotate_until_done(&namespace, &pod, uid.as_deref(), &container, &written)
+                .await;
+            drop(serial);
+        });
+        let net = PodNetwork {
+            host_ifname,
+            pod_ifname: t.ifname.to_string(),
+            addrs,
+            mtu,
+        };
+        Ok(result(request, &net, attached.as_ref()))
+    }
+
+    async fn release_failed(&self, handle: &str) {
+        if let Err(undo) = self.ipam.release_by_handle(handle).await {
+            tracing::warn!(handle, error = %undo, "could not release the addresses of a failed ADD");
         }
     }
 
@@ -169,60 +236,6 @@ impl CniDaemon {
             ..AssignRequest::workload(handle, attrs)
         };
         Ok(self.ipam.auto_assign(&req).await?)
-    }
-
-    /// Plumbing and the pod's annotations, in parallel: neither needs the other, and each
-    /// is undone when the other fails.
-    async fn finish_add(
-        &self,
-        request: &Request,
-        t: &Target<'_>,
-        info: &PodInfo,
-        netns: Option<&File>,
-        addrs: &[IpNet],
-        mtu: u32,
-    ) -> Result<CniResult, HandlerError> {
-        let net = PodNetwork {
-            host_ifname: host_veth_name(t.namespace, t.pod),
-            pod_ifname: t.ifname.to_string(),
-            addrs: addrs.to_vec(),
-            mtu,
-        };
-        let attach = async {
-            match netns {
-                Some(ns) => self.plumber.attach(ns, &net).await.map(Some),
-                None => Ok(None),
-            }
-        };
-        let uid = info.uid.as_deref();
-        let annotate = self
-            .pods
-            .annotate(t.namespace, t.pod, uid, t.container, addrs);
-        let (attached, annotated) = tokio::join!(attach, annotate);
-        let failure = match (attached, annotated) {
-            (Ok(attached), Ok(())) => return Ok(result(request, &net, attached.as_ref())),
-            (Ok(attached), Err(e)) => {
-                if attached.is_some() {
-                    let undo = self
-                        .plumber
-                        .detach(netns, t.ifname, &net.host_ifname, addrs)
-                        .await;
-                    if let Err(undo) = undo {
-                        tracing::warn!(interface = %net.host_ifname, error = %undo, "could not remove the veth of a failed ADD");
-                    }
-                }
-                e
-            }
-            (Err(e), annotated) => {
-                if annotated.is_ok()
-                    && let Err(undo) = self.pods.blank_ips(t.namespace, t.pod, uid).await
-                {
-                    tracing::warn!(pod = t.pod, error = %undo, "could not blank the IP annotations of a failed ADD");
-                }
-                e.into()
-            }
-        };
-        Err(failure)
     }
 
     async fn repeat_add(

@@ -1,31 +1,35 @@
 //! Per-container locks: ADD, DEL and CHECK of one container run one at a time, while
 //! different containers proceed in parallel. Entries vanish when nobody holds or waits.
+//! Guards own their entry, so work that outlives a request (ADD's annotation patch) can
+//! keep the container locked until it is done.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
+type Entries = Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>;
+
 #[derive(Default)]
 pub(super) struct ContainerLocks {
-    map: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    map: Entries,
 }
 
-pub(super) struct ContainerGuard<'a> {
-    locks: &'a ContainerLocks,
+pub(super) struct ContainerGuard {
+    map: Entries,
     id: String,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl ContainerLocks {
-    pub(super) async fn lock(&self, id: &str) -> ContainerGuard<'_> {
+    pub(super) async fn lock(&self, id: &str) -> ContainerGuard {
         let entry = {
             let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
             map.entry(id.to_string()).or_default().clone()
         };
         let guard = entry.lock_owned().await;
         ContainerGuard {
-            locks: self,
+            map: self.map.clone(),
             id: id.to_string(),
             guard: Some(guard),
         }
@@ -37,10 +41,10 @@ impl ContainerLocks {
     }
 }
 
-impl Drop for ContainerGuard<'_> {
+impl Drop for ContainerGuard {
     fn drop(&mut self) {
         self.guard.take();
-        let mut map = self.locks.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         // Only the map's own reference left: nobody holds or waits for this container.
         if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
             map.remove(&self.id);

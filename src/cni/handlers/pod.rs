@@ -43,6 +43,7 @@ fn api_err(action: &'static str, object: String) -> impl FnOnce(kube::Error) -> 
 /// from the API server.
 pub struct PodView {
     client: Client,
+    annotations: Annotations,
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     tasks: Vec<JoinHandle<()>>,
@@ -67,6 +68,9 @@ impl PodView {
             "CNI namespaces",
         );
         PodView {
+            annotations: Annotations {
+                client: client.clone(),
+            },
             client,
             pods,
             namespaces,
@@ -126,8 +130,91 @@ impl PodView {
         })
     }
 
-    /// Calico's annotations, through the status subresource as Calico does (RBAC
-    /// pods/status). The UID, when known, makes the patch fail on a re-created pod.
+    /// The writer of Calico's annotations (cheap to clone into a background task).
+    pub(super) fn annotations(&self) -> &Annotations {
+        &self.annotations
+    }
+
+    /// DEL's half of the annotations: the IPs are blanked (as Calico does) when this
+    /// container wrote them; the container ID stays so a repeated DEL can tell. The blank
+    /// carries the resourceVersion it was decided on, so a newer sandbox's annotations
+    /// landing in between are never blanked (409: decide again on a fresh read). The
+    /// cache may not show our own ADD's patch yet, so a "not ours" from it is confirmed.
+    pub(super) async fn clear_ips(
+        &self,
+        namespace: &str,
+        name: &str,
+        container_id: &str,
+    ) -> Result<bool, HandlerError> {
+        let ours = |p: &Pod| {
+            let ann = p.annotations();
+            ann.get(ANNOTATION_CONTAINER_ID).map(String::as_str) == Some(container_id)
+                && ann.get(ANNOTATION_POD_IPS).is_some_and(|v| !v.is_empty())
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let mut known = self
+            .pods
+            .get(&ObjectRef::new(name).within(namespace))
+            .filter(|p| ours(p));
+        for _ in 0..MAX_BLANK_ATTEMPTS {
+            let pod = match known.take() {
+                Some(p) => p,
+                None => match pods
+                    .get_opt(name)
+                    .await
+                    .map_err(api_err("read pod", format!("{namespace}/{name}")))?
+                {
+                    Some(p) if ours(&p) => Arc::new(p),
+                    _ => return Ok(false),
+                },
+            };
+            let at = Precondition {
+                uid: pod.meta().uid.as_deref(),
+                resource_version: pod.meta().resource_version.as_deref(),
+            };
+            let blank = json!({ANNOTATION_POD_IP: "", ANNOTATION_POD_IPS: ""});
+            match self
+                .annotations
+                .patch_annotations(namespace, name, at, blank)
+                .await
+            {
+                Ok(()) => return Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => {
+                    return Err(api_err(
+                        "clear pod IP annotations",
+                        format!("{namespace}/{name}"),
+                    )(e));
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Attempts of DEL's blank, each after a fresh read that says the IPs are still ours.
+const MAX_BLANK_ATTEMPTS: usize = 5;
+
+/// What a patch requires of the pod it changes (the API server answers 409 otherwise).
+#[derive(Clone, Copy, Default)]
+pub(super) struct Precondition<'a> {
+    pub uid: Option<&'a str>,
+    pub resource_version: Option<&'a str>,
+}
+
+/// Writes Calico's annotations through the status subresource, as Calico does (RBAC
+/// pods/status). The pod's UID, when known, makes a patch fail on a re-created pod.
+#[derive(Clone)]
+pub(super) struct Annotations {
+    client: Client,
+}
+
+/// How long the background patch of an ADD keeps trying.
+const ANNOTATE_ATTEMPTS: u32 = 8;
+
+impl Annotations {
+    /// The pod's IPs and the container that holds them.
     pub(super) async fn annotate(
         &self,
         namespace: &str,
@@ -142,63 +229,43 @@ impl PodView {
             ANNOTATION_POD_IPS: ips.join(","),
             ANNOTATION_CONTAINER_ID: container_id,
         });
-        self.patch_annotations(namespace, name, uid, annotations)
+        let at = Precondition {
+            uid,
+            resource_version: None,
+        };
+        self.patch_annotations(namespace, name, at, annotations)
             .await
             .map_err(api_err("annotate pod", format!("{namespace}/{name}")))
     }
 
-    /// DEL's half of the annotations: the IPs are blanked (as Calico does) when this
-    /// container wrote them; the container ID stays so a repeated DEL can tell. The cache
-    /// may not show our own ADD's patch yet, so a "not ours" from it is confirmed by a GET.
-    pub(super) async fn clear_ips(
-        &self,
-        namespace: &str,
-        name: &str,
-        container_id: &str,
-    ) -> Result<bool, HandlerError> {
-        let ours = |p: &Pod| {
-            let ann = p.annotations();
-            ann.get(ANNOTATION_CONTAINER_ID).map(String::as_str) == Some(container_id)
-                && ann.get(ANNOTATION_POD_IPS).is_some_and(|v| !v.is_empty())
-        };
-        let cached = self.pods.get(&ObjectRef::new(name).within(namespace));
-        let pod = match cached {
-            Some(p) if ours(&p) => p,
-            _ => {
-                let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-                let read = pods
-                    .get_opt(name)
-                    .await
-                    .map_err(api_err("read pod", format!("{namespace}/{name}")))?;
-                match read {
-                    Some(p) if ours(&p) => Arc::new(p),
-                    _ => return Ok(false),
-                }
-            }
-        };
-        self.blank_ips(namespace, name, pod.meta().uid.as_deref())
-            .await
-    }
-
-    /// Blanks the IP annotations of the pod with `uid` (when given); a pod that is gone or
-    /// was re-created under the same name is left alone.
-    pub(super) async fn blank_ips(
+    /// `annotate` for the moments after an ADD replied: transient errors are retried with
+    /// backoff; a pod that is gone or was re-created is left alone.
+    pub(super) async fn annotate_until_done(
         &self,
         namespace: &str,
         name: &str,
         uid: Option<&str>,
-    ) -> Result<bool, HandlerError> {
-        let annotations = json!({ANNOTATION_POD_IP: "", ANNOTATION_POD_IPS: ""});
-        match self
-            .patch_annotations(namespace, name, uid, annotations)
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
-            Err(e) => Err(api_err(
-                "clear pod IP annotations",
-                format!("{namespace}/{name}"),
-            )(e)),
+        container_id: &str,
+        addrs: &[IpNet],
+    ) {
+        let mut delay = std::time::Duration::from_millis(100);
+        for attempt in 1..=ANNOTATE_ATTEMPTS {
+            let e = match self
+                .annotate(namespace, name, uid, container_id, addrs)
+                .await
+            {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let permanent = matches!(&e, HandlerError::Api { source, .. }
+                if matches!(source.as_ref(), kube::Error::Api(s) if matches!(s.code, 403 | 404 | 409 | 422)));
+            if permanent || attempt == ANNOTATE_ATTEMPTS {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), container = container_id, error = %e, attempt, "pod IP annotations not written");
+                return;
+            }
+            tracing::debug!(pod = %format!("{namespace}/{name}"), error = %e, attempt, "pod IP annotations: retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
         }
     }
 
@@ -206,13 +273,16 @@ impl PodView {
         &self,
         namespace: &str,
         name: &str,
-        uid: Option<&str>,
+        at: Precondition<'_>,
         annotations: Value,
     ) -> Result<(), kube::Error> {
         let mut metadata = Map::new();
         metadata.insert("annotations".into(), annotations);
-        if let Some(uid) = uid {
+        if let Some(uid) = at.uid {
             metadata.insert("uid".into(), Value::String(uid.to_string()));
+        }
+        if let Some(rv) = at.resource_version {
+            metadata.insert("resourceVersion".into(), Value::String(rv.to_string()));
         }
         let patch = json!({ "metadata": metadata });
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);

@@ -20,67 +20,138 @@ use super::{
 };
 use crate::calc::desired::ROUTE_PROTOCOL;
 
+/// A pod's veth pair made and up, before it has addresses: what ADD builds while IPAM is
+/// still writing. `address` finishes it, `abandon` removes it.
+pub struct Prepared {
+    host_ifname: String,
+    pod_ifname: String,
+    host_index: u32,
+    pod_index: u32,
+    pod_mac: String,
+    v4: bool,
+    v6: bool,
+    pod: NsNetlink,
+}
+
 impl Plumber {
     /// Builds the attachment described by `net` into the pod namespace `pod_ns`. On error
     /// the veth pair is gone again (and with it the host routes that used it).
     pub async fn attach(&self, pod_ns: &File, net: &PodNetwork) -> Result<Attached, PlumbingError> {
+        let prepared = self
+            .prepare(
+                pod_ns,
+                &net.host_ifname,
+                &net.pod_ifname,
+                net.mtu,
+                net.has_v4(),
+                net.has_v6(),
+            )
+            .await?;
+        self.address(prepared, &net.addrs).await
+    }
+
+    /// First half of attach, which needs no address: the veth pair (pod side born in the
+    /// pod namespace), host sysctls for the families `v4`/`v6`, both sides up. On error the
+    /// pair is gone again.
+    pub async fn prepare(
+        &self,
+        pod_ns: &File,
+        host_ifname: &str,
+        pod_ifname: &str,
+        mtu: u32,
+        v4: bool,
+        v6: bool,
+    ) -> Result<Prepared, PlumbingError> {
         let host = self.host_handle();
         // A leftover of an earlier sandbox of the same pod holds the name (Calico does the same).
-        if let Some(stale) = links::link_by_name(host, &net.host_ifname).await? {
-            tracing::info!(interface = %net.host_ifname, "removing a stale host veth");
-            links::delete_link(host, stale.header.index, &net.host_ifname).await?;
+        if let Some(stale) = links::link_by_name(host, host_ifname).await? {
+            tracing::info!(interface = %host_ifname, "removing a stale host veth");
+            links::delete_link(host, stale.header.index, host_ifname).await?;
         }
-        let peer = LinkUnspec::new_with_name(&net.pod_ifname)
+        let peer = LinkUnspec::new_with_name(pod_ifname)
             .setns_by_fd(pod_ns.as_raw_fd())
-            .mtu(net.mtu)
+            .mtu(mtu)
             .build();
-        let veth = LinkVeth::new(&net.host_ifname, &net.pod_ifname)
+        let veth = LinkVeth::new(host_ifname, pod_ifname)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .address(HOST_MAC.to_vec())
-            .mtu(net.mtu)
+            .mtu(mtu)
             .build();
         match host.link().add(veth).execute().await {
             Ok(()) => {}
             Err(e) if errno(&e) == Some(libc::EEXIST) => {
                 // The host name was free a moment ago, so the pod side is what exists.
                 return Err(PlumbingError::PodInterfaceExists {
-                    ifname: net.pod_ifname.clone(),
+                    ifname: pod_ifname.to_string(),
                 });
             }
             Err(e) => {
                 return Err(PlumbingError::netlink(
-                    format!("create veth {} <-> {}", net.host_ifname, net.pod_ifname),
+                    format!("create veth {host_ifname} <-> {pod_ifname}"),
                     e,
                 ));
             }
         }
-        let Some(link) = links::link_by_name(host, &net.host_ifname).await? else {
+        let Some(link) = links::link_by_name(host, host_ifname).await? else {
             return Err(PlumbingError::Mismatch(format!(
-                "host veth {} vanished right after it was created",
-                net.host_ifname
+                "host veth {host_ifname} vanished right after it was created"
             )));
         };
         let host_index = link.header.index;
-        match self.configure(pod_ns, net, host_index).await {
-            Ok(attached) => Ok(attached),
+        match self
+            .bring_up(pod_ns, host_ifname, pod_ifname, host_index, v4, v6)
+            .await
+        {
+            Ok(prepared) => Ok(prepared),
             Err(e) => {
-                // The pair goes as one; the kernel drops the routes that used it.
-                if let Err(undo) = links::delete_link(host, host_index, &net.host_ifname).await {
-                    tracing::warn!(interface = %net.host_ifname, error = %undo, "could not remove the veth of a failed attach");
-                }
+                self.remove_pair(host_index, host_ifname).await;
                 Err(e)
             }
         }
     }
 
-    async fn configure(
+    async fn bring_up(
         &self,
         pod_ns: &File,
-        net: &PodNetwork,
+        host_ifname: &str,
+        pod_ifname: &str,
         host_index: u32,
-    ) -> Result<Attached, PlumbingError> {
+        v4: bool,
+        v6: bool,
+    ) -> Result<Prepared, PlumbingError> {
         let host = self.host_handle();
-        let sysctls = host_sysctls(&net.host_ifname, net.has_v4(), net.has_v6());
+        self.host_sysctls(host_ifname, v4, v6).await?;
+        host.link()
+            .set(LinkUnspec::new_with_index(host_index).up().build())
+            .execute()
+            .await
+            .map_err(|e| PlumbingError::netlink(format!("set {host_ifname} up"), e))?;
+        let pod = NsNetlink::open(pod_ns)
+            .await
+            .map_err(|e| PlumbingError::io("open netlink in the pod namespace", e))?;
+        let (pod_index, pod_mac) = pod_link_up(&pod.handle, pod_ifname).await?;
+        Ok(Prepared {
+            host_ifname: host_ifname.to_string(),
+            pod_ifname: pod_ifname.to_string(),
+            host_index,
+            pod_index,
+            pod_mac,
+            v4,
+            v6,
+            pod,
+        })
+    }
+
+    async fn host_sysctls(
+        &self,
+        host_ifname: &str,
+        v4: bool,
+        v6: bool,
+    ) -> Result<(), PlumbingError> {
+        if !v4 && !v6 {
+            return Ok(());
+        }
+        let sysctls = host_sysctls(host_ifname, v4, v6);
         netns::run_in(self.host_namespace(), move || {
             for (path, value) in &sysctls {
                 netns::write_sysctl(path, value)?;
@@ -88,27 +159,60 @@ impl Plumber {
             Ok(())
         })
         .await
-        .map_err(|e| PlumbingError::io(format!("host sysctls of {}", net.host_ifname), e))?;
-        host.link()
-            .set(LinkUnspec::new_with_index(host_index).up().build())
-            .execute()
-            .await
-            .map_err(|e| PlumbingError::netlink(format!("set {} up", net.host_ifname), e))?;
+        .map_err(|e| PlumbingError::io(format!("host sysctls of {host_ifname}"), e))
+    }
 
-        let pod = NsNetlink::open(pod_ns)
-            .await
-            .map_err(|e| PlumbingError::io("open netlink in the pod namespace", e))?;
-        let (pod_index, pod_mac) = configure_pod(&pod.handle, net).await?;
+    /// Second half of attach: the pod's addresses, gateway and routes, and the host routes.
+    /// On error the pair is gone again.
+    pub async fn address(
+        &self,
+        prepared: Prepared,
+        addrs: &[IpNet],
+    ) -> Result<Attached, PlumbingError> {
+        let (host_index, host_ifname) = (prepared.host_index, prepared.host_ifname.clone());
+        match self.finish(prepared, addrs).await {
+            Ok(attached) => Ok(attached),
+            Err(e) => {
+                self.remove_pair(host_index, &host_ifname).await;
+                Err(e)
+            }
+        }
+    }
 
-        for addr in &net.addrs {
-            add_host_route(host, *addr, host_index, &net.host_ifname).await?;
+    async fn finish(&self, p: Prepared, addrs: &[IpNet]) -> Result<Attached, PlumbingError> {
+        let net = PodNetwork {
+            host_ifname: p.host_ifname.clone(),
+            pod_ifname: p.pod_ifname.clone(),
+            addrs: addrs.to_vec(),
+            mtu: 0,
+        };
+        // A family IPAM gave that the preparation did not expect still gets its settings.
+        let (late_v4, late_v6) = (net.has_v4() && !p.v4, net.has_v6() && !p.v6);
+        self.host_sysctls(&p.host_ifname, late_v4, late_v6).await?;
+        configure_pod(&p.pod.handle, &net, p.pod_index).await?;
+        let host = self.host_handle();
+        for addr in addrs {
+            add_host_route(host, *addr, p.host_index, &p.host_ifname).await?;
         }
         Ok(Attached {
             host_mac: format_mac(&HOST_MAC),
-            pod_mac,
-            host_index,
-            pod_index,
+            pod_mac: p.pod_mac,
+            host_index: p.host_index,
+            pod_index: p.pod_index,
         })
+    }
+
+    /// Undoes `prepare` when the ADD fails before addressing (IPAM refused).
+    pub async fn abandon(&self, prepared: Prepared) {
+        self.remove_pair(prepared.host_index, &prepared.host_ifname)
+            .await;
+    }
+
+    /// The pair goes as one; the kernel drops the routes that used it.
+    async fn remove_pair(&self, host_index: u32, host_ifname: &str) {
+        if let Err(undo) = links::delete_link(self.host_handle(), host_index, host_ifname).await {
+            tracing::warn!(interface = %host_ifname, error = %undo, "could not remove the veth of a failed attach");
+        }
     }
 
     /// Removes an attachment; every part may already be gone. With the pod namespace the
@@ -234,10 +338,11 @@ fn host_sysctls(ifname: &str, v4: bool, v6: bool) -> Vec<(String, &'static str)>
 }
 
 /// Pod side: up, addresses, the gateway neighbour and routes. Returns (index, MAC).
-async fn configure_pod(pod: &Handle, net: &PodNetwork) -> Result<(u32, String), PlumbingError> {
-    let Some(link) = links::link_by_name(pod, &net.pod_ifname).await? else {
+/// The pod side found and up: its index and MAC.
+async fn pod_link_up(pod: &Handle, pod_ifname: &str) -> Result<(u32, String), PlumbingError> {
+    let Some(link) = links::link_by_name(pod, pod_ifname).await? else {
         return Err(PlumbingError::PodInterfaceMissing {
-            ifname: net.pod_ifname.clone(),
+            ifname: pod_ifname.to_string(),
         });
     };
     let index = link.header.index;
@@ -248,7 +353,12 @@ async fn configure_pod(pod: &Handle, net: &PodNetwork) -> Result<(u32, String), 
         .set(LinkUnspec::new_with_index(index).up().build())
         .execute()
         .await
-        .map_err(|e| PlumbingError::netlink(format!("set pod {} up", net.pod_ifname), e))?;
+        .map_err(|e| PlumbingError::netlink(format!("set pod {pod_ifname} up"), e))?;
+    Ok((index, mac))
+}
+
+/// Addresses, the gateway neighbour and the routes inside the pod.
+async fn configure_pod(pod: &Handle, net: &PodNetwork, index: u32) -> Result<(), PlumbingError> {
     for addr in &net.addrs {
         let mut req = pod.address().add(index, addr.addr(), addr.prefix_len());
         if addr.addr().is_ipv6() {
@@ -296,7 +406,7 @@ async fn configure_pod(pod: &Handle, net: &PodNetwork) -> Result<(u32, String), 
                 PlumbingError::netlink(format!("add default route via {gateway} in the pod"), e)
             })?;
     }
-    Ok((index, mac))
+    Ok(())
 }
 
 fn gateways(net: &PodNetwork) -> Vec<IpAddr> {

@@ -18,7 +18,7 @@ use std::path::Path;
 use ipnet::IpNet;
 use sha1::{Digest, Sha1};
 
-pub use self::attach::Unrouted;
+pub use self::attach::{Prepared, Unrouted};
 pub use self::netns::{NsId, NsNetlink};
 
 /// Host-side MAC of every pod veth: pods resolve their gateway to it (Calico's value).

@@ -62,7 +62,14 @@ pub async fn change(
                         deleted: false,
                     },
                 );
-                match api.create(&PostParams::default(), &fresh).await {
+                let started = std::time::Instant::now();
+                let created = api.create(&PostParams::default(), &fresh).await;
+                tracing::debug!(
+                    handle,
+                    create_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "handle object create"
+                );
+                match created {
                     Err(e) if is_already_exists(&e) => continue,
                     r => r.map(|_| ()).map_err(|e| api_err(&name, "create", e)),
                 }

@@ -233,6 +233,7 @@ impl Writer {
             let mut obj = IPAMBlock::new(&name, block_to_spec(&block));
             obj.meta_mut().resource_version = Some(cached.resource_version.clone());
             self.stats.block_writes.fetch_add(1, Ordering::Relaxed);
+            let put_started = std::time::Instant::now();
             match self.api.replace(&name, &PostParams::default(), &obj).await {
                 Ok(saved) => {
                     let saved = match to_cached(saved) {
@@ -248,7 +249,12 @@ impl Writer {
                     self.stats
                         .ops_committed
                         .fetch_add(done as u64, Ordering::Relaxed);
-                    tracing::debug!(block = %self.cidr, ops = batch.len(), "block written");
+                    tracing::debug!(
+                        block = %self.cidr,
+                        ops = batch.len(),
+                        put_ms = put_started.elapsed().as_secs_f64() * 1000.0,
+                        "block written"
+                    );
                     return outcomes;
                 }
                 Err(e) if is_conflict(&e) => {
