@@ -53,6 +53,8 @@ impl CniDaemon {
         let main = request.kind == PluginKind::Main;
         // Routes first: once nothing routes to the addresses they may be released while the
         // kernel takes its time removing the veth pair.
+        let started = std::time::Instant::now();
+        let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1000.0;
         let unrouted = if main {
             Some(self.plumber.unroute(&host_ifname, &addrs).await?)
         } else {
@@ -65,19 +67,25 @@ impl CniDaemon {
                         .plumber
                         .remove_links(u, netns.as_ref(), ifname, &host_ifname)
                         .await?;
-                    tracing::debug!(container, ?done, "plumbing removed");
+                    tracing::debug!(container, ?done, links_ms = ms(started), "plumbing removed");
                     Ok::<(), HandlerError>(())
                 }
                 None => Ok(()),
             }
         };
         let clear = async {
-            match pod {
+            let r = match pod {
                 Some((ns, name)) => self.pods.clear_ips(ns, name, container).await,
                 None => Ok(false),
-            }
+            };
+            tracing::debug!(container, clear_ms = ms(started), "annotations handled");
+            r
         };
-        let release = self.ipam.release_by_handle(&handle);
+        let release = async {
+            let r = self.ipam.release_by_handle(&handle).await;
+            tracing::debug!(container, release_ms = ms(started), "IPAM release done");
+            r
+        };
         let (removed, cleared, released) = tokio::join!(links, clear, release);
         removed?;
         let released = released?;
