@@ -9,11 +9,11 @@ use std::net::IpAddr;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
+use support::pods::create_pod_uid as create_pod;
 
 use anyhow::Context;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::Value;
@@ -55,31 +55,6 @@ fn tortie(cp: &ControlPlane, args: &[&str]) -> Run {
 }
 
 use support::pools::create_pool;
-
-/// Creates the pod object and returns its UID (recorded with the allocation).
-async fn create_pod(client: &Client, name: &str, node: &str) -> anyhow::Result<String> {
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            containers: vec![Container {
-                name: "c".into(),
-                image: Some("pause".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let pod = Api::<Pod>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &pod)
-        .await
-        .with_context(|| format!("create pod {name}"))?;
-    pod.uid().context("pod uid")
-}
 
 async fn delete_pod(client: &Client, name: &str) -> anyhow::Result<()> {
     Api::<Pod>::namespaced(client.clone(), "default")

@@ -9,11 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::pods::create_pod_uid as create_pod;
 
 use anyhow::Context;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -65,30 +65,6 @@ async fn no_cooldown(client: &Client) -> anyhow::Result<()> {
         .create(&PostParams::default(), &IPAMConfig::new("default", spec))
         .await?;
     Ok(())
-}
-
-async fn create_pod(client: &Client, name: &str, node: &str) -> anyhow::Result<String> {
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            containers: vec![Container {
-                name: "c".into(),
-                image: Some("pause".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let created = Api::<Pod>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &pod)
-        .await
-        .with_context(|| format!("create pod {name}"))?;
-    created.metadata.uid.context("pod uid")
 }
 
 async fn delete_pod(client: &Client, name: &str) -> anyhow::Result<()> {

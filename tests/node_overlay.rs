@@ -13,9 +13,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use nodes::{Daemon, DaemonOpts, Host};
 use support::{ControlPlane, NetNs, binaries, veth_pair};
 use tortie::api::ippool::EncapMode;
@@ -144,26 +144,7 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 async fn create_pod(client: &Client, name: &str, node: &str) -> anyhow::Result<()> {
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            containers: vec![Container {
-                name: "c".into(),
-                image: Some("pause".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<Pod>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &pod)
-        .await
-        .with_context(|| format!("create pod {name}"))?;
+    support::pods::create_pod_on(client, "default", name, node, &[]).await?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod cni;
 pub mod controlplane;
 pub mod credentials;
 pub mod netns;
+pub mod pods;
 pub mod pools;
 pub mod process;
 
