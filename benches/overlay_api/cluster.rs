@@ -7,8 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 use tortie::api::ippool::EncapMode;
 use tortie::api::{IPPool, IPPoolSpec};
 use tortie::cni::install;
@@ -106,26 +105,8 @@ impl Cluster {
     /// Creates Pod `pod` bound to node `i` and runs `cnitool add` for it into `netns`;
     /// returns the pod's IPv4 address.
     pub async fn cni_add(&self, i: usize, pod: &str, netns: &Path) -> anyhow::Result<String> {
-        let spec = Pod {
-            metadata: ObjectMeta {
-                name: Some(pod.into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(NAMES[i].into()),
-                containers: vec![Container {
-                    name: "c".into(),
-                    image: Some("pause".into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        Api::<Pod>::namespaced(self.cp.client(), "default")
-            .create(&PostParams::default(), &spec)
-            .await
-            .with_context(|| format!("create pod {pod}"))?;
+        crate::support::pods::create_pod_on(&self.cp.client(), "default", pod, NAMES[i], &[])
+            .await?;
         let dir = self.dirs[i].path();
         let out = tokio::process::Command::new(binaries::cnitool()?)
             .args(["add", install::NETWORK_NAME])
