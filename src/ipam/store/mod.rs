@@ -222,17 +222,18 @@ impl Ipam {
             .filter(|(want, _)| *want)
             .map(|(_, f)| f)
             .collect();
-        let expected: BTreeMap<IpNet, i64> = counts(
-            families
-                .iter()
-                .filter_map(|f| self.next_step(*f, req, &[]).ok())
-                .map(|step| step.cidr()),
-        );
+        // The first plan of each family also names the block its handle record expects.
+        let plans: Vec<(Family, Option<Step>)> = families
+            .iter()
+            .map(|f| (*f, self.next_step(*f, req, &[]).ok()))
+            .collect();
+        let expected: BTreeMap<IpNet, i64> =
+            counts(plans.iter().filter_map(|(_, s)| s.as_ref().map(Step::cidr)));
         let record = handle::change(&self.handles, &req.handle, &expected);
         let assign = async {
             let mut got: Vec<(IpNet, IpAddr)> = Vec::new();
-            for family in &families {
-                match self.assign_one(*family, req, &owner).await {
+            for (family, first) in plans.iter().cloned() {
+                match self.assign_one(family, req, &owner, first).await {
                     Ok(pair) => got.push(pair),
                     Err(e) => return Err((got, e)),
                 }
@@ -273,10 +274,14 @@ impl Ipam {
         family: Family,
         req: &AssignRequest,
         owner: &Owner,
+        mut first: Option<Step>,
     ) -> Result<(IpNet, IpAddr), IpamError> {
         let mut skip: Vec<IpNet> = Vec::new();
         for _ in 0..MAX_CAS_RETRIES {
-            let mut step = self.next_step(family, req, &skip)?;
+            let mut step = match first.take() {
+                Some(planned) => planned,
+                None => self.next_step(family, req, &skip)?,
+            };
             // Claims are serialised per node: a burst of requests that all find the node's
             // blocks full claims one block, not one each. Re-plan under the lock, since the
             // request ahead may have just claimed a block with room.
