@@ -5,8 +5,6 @@
 mod support;
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 
 use ipnet::IpNet;
 use support::NetNs;
@@ -14,6 +12,7 @@ use support::cni::{
     Outcome, allocations, cnitool, cnitool_in, create_pod, create_pod_in, create_pool, handles,
     harness, node_ns, plugin, plugin_config,
 };
+use support::netns::{ping, tcp_both_ways};
 use tortie::cni::plumbing::{Plumber, PlumbingError, PodNetwork, host_veth_name};
 
 fn net(pod: &str, addrs: &[&str], mtu: u32) -> PodNetwork {
@@ -23,36 +22,6 @@ fn net(pod: &str, addrs: &[&str], mtu: u32) -> PodNetwork {
         addrs: addrs.iter().map(|a| a.parse::<IpNet>().unwrap()).collect(),
         mtu,
     }
-}
-
-fn ping(from: &NetNs, to: &str) -> bool {
-    from.exec(&["ping", "-c", "1", "-W", "2", to])
-        .status
-        .success()
-}
-
-/// One TCP connection from `client` to `server_addr` in `server`, data checked both ways.
-fn tcp_both_ways(client: &NetNs, server: &NetNs, server_addr: &str) -> anyhow::Result<()> {
-    let addr = server_addr.to_string();
-    let listener = server.run(move || TcpListener::bind((addr.as_str(), 0)))??;
-    let port = listener.local_addr()?.port();
-    let accept = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf)?;
-        s.write_all(b"pong!")?;
-        Ok(buf.to_vec())
-    });
-    let target = format!("{server_addr}:{port}");
-    let mut stream = client.run(move || TcpStream::connect(target))??;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    stream.write_all(b"ping!")?;
-    let mut back = [0u8; 5];
-    stream.read_exact(&mut back)?;
-    assert_eq!(&back, b"pong!");
-    let got = accept.join().expect("server thread")?;
-    assert_eq!(got, b"ping!");
-    Ok(())
 }
 
 fn ns_file(ns: &NetNs) -> File {

@@ -7,8 +7,6 @@
 mod nodes;
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,10 +15,10 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 use nodes::{Daemon, DaemonOpts, Host};
-use support::{ControlPlane, NetNs, binaries, veth_pair};
+use support::netns::{ping, tcp_both_ways};
+use support::{ControlPlane, NetNs, veth_pair};
 use tortie::api::ippool::EncapMode;
 use tortie::api::{IPPool, IPPoolSpec};
-use tortie::cni::install;
 
 const READY: Duration = Duration::from_secs(90);
 /// The resync interval the daemons run with (90 s in production).
@@ -114,27 +112,7 @@ impl Cluster {
     /// `cnitool add` for `pod` on node `i` with the plugin and conflist that daemon installed.
     async fn cni_add(&self, i: usize, pod: &str, netns: &Path) -> anyhow::Result<String> {
         create_pod(&self.cp.client(), pod, NAMES[i]).await?;
-        let dir = self.dirs[i].path();
-        let out = tokio::process::Command::new(binaries::cnitool()?)
-            .args(["add", install::NETWORK_NAME])
-            .arg(netns)
-            .env("CNI_PATH", dir.join("bin"))
-            .env("NETCONFPATH", dir.join("net.d"))
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
-            )
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        anyhow::ensure!(
-            out.status.success(),
-            "cnitool add {pod}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_str(stdout.trim())?;
-        let addr = result["ips"][0]["address"].as_str().unwrap_or_default();
-        Ok(addr.trim_end_matches("/32").to_string())
+        support::cni::cnitool_add_v4(self.dirs[i].path(), pod, netns).await
     }
 }
 
@@ -145,36 +123,6 @@ fn tail(text: &str, lines: usize) -> String {
 
 async fn create_pod(client: &Client, name: &str, node: &str) -> anyhow::Result<()> {
     support::pods::create_pod_on(client, "default", name, node, &[]).await?;
-    Ok(())
-}
-
-fn ping(from: &NetNs, to: &str) -> bool {
-    from.exec(&["ping", "-c", "1", "-W", "2", to])
-        .status
-        .success()
-}
-
-/// One TCP connection from `client` to `server_addr` in `server`, data checked both ways.
-fn tcp_both_ways(client: &NetNs, server: &NetNs, server_addr: &str) -> anyhow::Result<()> {
-    let addr = server_addr.to_string();
-    let listener = server.run(move || TcpListener::bind((addr.as_str(), 0)))??;
-    let port = listener.local_addr()?.port();
-    let accept = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf)?;
-        s.write_all(b"pong!")?;
-        Ok(buf.to_vec())
-    });
-    let target = format!("{server_addr}:{port}");
-    let mut stream = client.run(move || TcpStream::connect(target))??;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"ping!")?;
-    let mut back = [0u8; 5];
-    stream.read_exact(&mut back)?;
-    assert_eq!(&back, b"pong!");
-    let got = accept.join().expect("server thread")?;
-    assert_eq!(got, b"ping!");
     Ok(())
 }
 

@@ -10,10 +10,9 @@ use anyhow::Context;
 use kube::api::{Api, PostParams};
 use tortie::api::ippool::EncapMode;
 use tortie::api::{IPPool, IPPoolSpec};
-use tortie::cni::install;
 
 use crate::nodes::{Daemon, DaemonOpts, Host};
-use crate::support::{ControlPlane, NetNs, binaries, veth_pair};
+use crate::support::{ControlPlane, NetNs, veth_pair};
 
 pub const NAMES: [&str; 2] = ["bench-a", "bench-b"];
 pub const UNDERLAY: [&str; 2] = ["172.31.0.1/16", "172.31.0.2/16"];
@@ -107,28 +106,6 @@ impl Cluster {
     pub async fn cni_add(&self, i: usize, pod: &str, netns: &Path) -> anyhow::Result<String> {
         crate::support::pods::create_pod_on(&self.cp.client(), "default", pod, NAMES[i], &[])
             .await?;
-        let dir = self.dirs[i].path();
-        let out = tokio::process::Command::new(binaries::cnitool()?)
-            .args(["add", install::NETWORK_NAME])
-            .arg(netns)
-            .env("CNI_PATH", dir.join("bin"))
-            .env("NETCONFPATH", dir.join("net.d"))
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
-            )
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        anyhow::ensure!(
-            out.status.success(),
-            "cnitool add {pod}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_str(stdout.trim())?;
-        let addr = result["ips"][0]["address"]
-            .as_str()
-            .with_context(|| format!("no address in the CNI result for {pod}: {stdout}"))?;
-        Ok(addr.trim_end_matches("/32").to_string())
+        crate::support::cni::cnitool_add_v4(self.dirs[i].path(), pod, netns).await
     }
 }

@@ -204,12 +204,31 @@ pub async fn cnitool_as(
     if let Some(uid) = uid {
         args.push_str(&format!(";K8S_POD_UID={uid}"));
     }
+    run_cnitool(
+        &h.settings.bin_dir,
+        &h.settings.conf_dir,
+        verb,
+        &args,
+        netns,
+    )
+    .await
+}
+
+/// `cnitool <verb> k8s-pod-network <netns>` with the plugin in `bin_dir` and the conflist in
+/// `conf_dir`, as a runtime would call it with `cni_args`.
+pub async fn run_cnitool(
+    bin_dir: &Path,
+    conf_dir: &Path,
+    verb: &str,
+    cni_args: &str,
+    netns: &Path,
+) -> anyhow::Result<Outcome> {
     let out = tokio::process::Command::new(binaries::cnitool()?)
         .args([verb, install::NETWORK_NAME])
         .arg(netns)
-        .env("CNI_PATH", &h.settings.bin_dir)
-        .env("NETCONFPATH", &h.settings.conf_dir)
-        .env("CNI_ARGS", args)
+        .env("CNI_PATH", bin_dir)
+        .env("NETCONFPATH", conf_dir)
+        .env("CNI_ARGS", cni_args)
         .output()
         .await?;
     Ok(Outcome {
@@ -217,6 +236,19 @@ pub async fn cnitool_as(
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
+}
+
+/// ADD of `default/<pod>` through the plugin and conflist a `tortie node` installed under
+/// `dir` (bin/, net.d/); the pod's IPv4 address.
+pub async fn cnitool_add_v4(dir: &Path, pod: &str, netns: &Path) -> anyhow::Result<String> {
+    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}");
+    let out = run_cnitool(&dir.join("bin"), &dir.join("net.d"), "add", &args, netns).await?;
+    anyhow::ensure!(out.ok, "cnitool add {pod}: {} {}", out.stdout, out.stderr);
+    let result = out.json();
+    let addr = result["ips"][0]["address"]
+        .as_str()
+        .with_context(|| format!("no address in the CNI result for {pod}: {}", out.stdout))?;
+    Ok(addr.trim_end_matches("/32").to_string())
 }
 
 /// The plugin binary run directly (as a runtime would), for inputs cnitool never sends.

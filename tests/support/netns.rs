@@ -2,6 +2,8 @@
 // links and processes on Drop (also on panic), and leftovers of crashed runs reaped at first use.
 // Code runs inside a namespace via `ip netns exec` or on a dedicated setns'd std::thread.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -307,5 +309,36 @@ pub fn plumb_pod(
         "scope",
         "link",
     ])?;
+    Ok(())
+}
+
+/// One ping from `from` to `to` answered within 2 s.
+pub fn ping(from: &NetNs, to: &str) -> bool {
+    from.exec(&["ping", "-c", "1", "-W", "2", to])
+        .status
+        .success()
+}
+
+/// One TCP connection from `client` to `server_addr` in `server`, data checked both ways.
+pub fn tcp_both_ways(client: &NetNs, server: &NetNs, server_addr: &str) -> anyhow::Result<()> {
+    let addr = server_addr.to_string();
+    let listener = server.run(move || TcpListener::bind((addr.as_str(), 0)))??;
+    let port = listener.local_addr()?.port();
+    let accept = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf)?;
+        s.write_all(b"pong!")?;
+        Ok(buf.to_vec())
+    });
+    let target = format!("{server_addr}:{port}");
+    let mut stream = client.run(move || TcpStream::connect(target))??;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    stream.write_all(b"ping!")?;
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back)?;
+    assert_eq!(&back, b"pong!");
+    let got = accept.join().expect("server thread")?;
+    assert_eq!(got, b"ping!");
     Ok(())
 }
