@@ -168,14 +168,15 @@ async fn run_async(args: IpamArgs) -> Result<ExitCode, CliError> {
                 &Api::all(client),
                 block,
                 ip,
-                Some(&handle),
+                Some(handle.as_deref()),
                 Utc::now(),
                 snap.cooldown,
             )
             .await?;
+            let name = |h: &Option<String>| h.clone().unwrap_or_else(|| "none".to_string());
             match outcome {
                 AddrRelease::Released { handle } => {
-                    println!("Released IP {ip} (handle {handle}, block {block})");
+                    println!("Released IP {ip} (handle {}, block {block})", name(&handle));
                     Ok(ExitCode::SUCCESS)
                 }
                 AddrRelease::NotAllocated => {
@@ -184,7 +185,9 @@ async fn run_async(args: IpamArgs) -> Result<ExitCode, CliError> {
                 }
                 AddrRelease::HeldByOther { handle: now } => {
                     eprintln!(
-                        "IP {ip} changed hands meanwhile (was {handle}, now {now}); not released"
+                        "IP {ip} changed hands meanwhile (was {}, now {}); not released",
+                        name(&handle),
+                        name(&now)
                     );
                     Ok(ExitCode::FAILURE)
                 }

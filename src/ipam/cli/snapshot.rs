@@ -16,7 +16,7 @@ use crate::api::blockaffinity::{BlockAffinity, BlockAffinitySpec};
 use crate::api::ipamblock::IPAMBlock;
 use crate::api::ipamconfig::{IPAM_CONFIG_NAME, IPAMConfig};
 use crate::api::ipamhandle::IPAMHandle;
-use crate::ipam::block::{Attribute, Block, DEFAULT_COOLDOWN};
+use crate::ipam::block::{Attribute, Block, DEFAULT_COOLDOWN, Slot};
 use crate::ipam::cidr::ordinal_of;
 use crate::ipam::convert::{block_from_spec, time_to_chrono};
 use crate::ipam::pools::Pool;
@@ -203,6 +203,15 @@ impl Snapshot {
 
     pub fn pool_of_addr(&self, addr: IpAddr) -> Option<&Pool> {
         self.pools.iter().find(|p| p.cidr.contains(&addr))
+    }
+
+    /// The block where `addr` is allocated to no handle (a `{}` attribute), if any.
+    pub fn ownerless_at(&self, addr: IpAddr) -> Option<IpNet> {
+        self.blocks.iter().find_map(|b| {
+            let blk = b.parsed.as_ref().ok()?;
+            let ord = ordinal_of(&blk.cidr, addr)?;
+            (blk.slot(ord) == Slot::Ownerless).then_some(b.cidr)
+        })
     }
 
     /// Every block holding `addr` (more than one only when blocks overlap, itself a problem).
