@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ipam::Ipam;
+use crate::ipam::gc::cooldown;
 use crate::ipam::gc::local::{self, LocalConfig};
 use crate::ipam::gc::{self, Cluster, GcConfig, GcStatus};
 use crate::metrics::{Metrics, MetricsError};
@@ -44,6 +45,19 @@ impl IpamJobs {
             pods,
             nodes,
         };
+        // Expired cooldown holds: this node's blocks always, every block while leading.
+        let own_cold = tokio::spawn(cooldown::run(
+            ipam.clone(),
+            cooldown::Scope::Node(ipam.node().to_string()),
+            None,
+            stopped.clone(),
+        ));
+        let all_cold = tokio::spawn(cooldown::run(
+            ipam.clone(),
+            cooldown::Scope::All,
+            Some(is_leader.clone()),
+            stopped.clone(),
+        ));
         let leader_gc = tokio::spawn(gc::run(
             ipam.clone(),
             cluster,
@@ -58,7 +72,7 @@ impl IpamJobs {
         };
         let own_blocks = tokio::spawn(local::run(ipam, hygiene, stopped));
         Ok(IpamJobs {
-            tasks: vec![pods_watch, leader_gc, own_blocks],
+            tasks: vec![pods_watch, leader_gc, own_blocks, own_cold, all_cold],
         })
     }
 

@@ -221,7 +221,7 @@ fn show_text(
             s
         }
         Format::Json => {
-            let mut v = serde_json::json!({ "pools": usage });
+            let mut v = serde_json::to_value(&usage)?;
             if !show_blocks {
                 for p in v["pools"].as_array_mut().into_iter().flatten() {
                     if let Some(o) = p.as_object_mut() {
