@@ -2,11 +2,13 @@
 //! README.md ("Architecture") maps each module to what it owns.
 
 pub mod api;
+pub mod calico_defaults;
 pub mod calc;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
+pub mod felix_config;
 pub mod http;
 pub mod ipam;
 pub mod metrics;

@@ -39,6 +39,7 @@ impl IpamJobs {
             status.clone(),
             is_leader.clone(),
         )?;
+        let (client_for_defaults, is_leader_for_defaults) = (client.clone(), is_leader.clone());
         let (pods, pods_watch) = gc::watch_pods(client.clone());
         let cluster = Cluster {
             client,
@@ -70,9 +71,18 @@ impl IpamJobs {
             grace,
             ..LocalConfig::default()
         };
-        let own_blocks = tokio::spawn(local::run(ipam, hygiene, stopped));
+        let own_blocks = tokio::spawn(local::run(ipam, hygiene, stopped.clone()));
+        // The `default` objects Calico's tools expect (ClusterInformation, IPAMConfig, ...).
+        let defaults = tokio::spawn(crate::calico_defaults::run(
+            client_for_defaults,
+            is_leader_for_defaults,
+            grace.as_secs(),
+            stopped,
+        ));
         Ok(IpamJobs {
-            tasks: vec![pods_watch, leader_gc, own_blocks, own_cold, all_cold],
+            tasks: vec![
+                pods_watch, leader_gc, own_blocks, own_cold, all_cold, defaults,
+            ],
         })
     }
 

@@ -109,10 +109,7 @@ pub async fn harness(pool: &str, block: i32) -> anyhow::Result<Harness> {
     let node = node_ns()?;
     let plumber = Plumber::open(&node.path()).await?;
     let daemon = Arc::new(CniDaemon::new(
-        CniSettings {
-            node: NODE.into(),
-            default_mtu: 1410,
-        },
+        CniSettings::fixed_mtu(NODE, 1410),
         client,
         ipam,
         plumber,

@@ -70,7 +70,7 @@ pub fn plan(view: &View, scope: &Scope, now: DateTime<Utc>, cooldown: TimeDelta)
 /// How long to sleep before the next scan.
 pub fn sleep_for(next_expiry: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
     next_expiry
-        .and_then(|t| (t - now).to_std().ok())
+        .map(|t| (t - now).to_std().unwrap_or(Duration::ZERO))
         .unwrap_or(MAX_SCAN_INTERVAL)
         .clamp(MIN_SCAN_INTERVAL, MAX_SCAN_INTERVAL)
 }

@@ -353,13 +353,21 @@ impl LeaderGc {
     }
 
     /// Addresses allocated to no handle (nothing can ever release them by handle): released
-    /// once they have been seen for the grace period. They count as GC candidates of
-    /// `unknown_node`, as kube-controllers counts allocations without a node attribute.
+    /// once they have been seen for the grace period, unless a pod reports the address as
+    /// its own. They count as GC candidates of `unknown_node`, as kube-controllers counts
+    /// allocations without a node attribute.
     async fn collect_ownerless(&mut self) -> Result<(), IpamError> {
         let now = Instant::now();
+        let used: std::collections::HashSet<IpAddr> = self
+            .pods
+            .state()
+            .iter()
+            .flat_map(|p| pod_facts(p).ips)
+            .collect();
         let seen: Vec<((ipnet::IpNet, IpAddr), String)> = self.ipam.with_view(|v| {
             ownerless(v)
                 .into_iter()
+                .filter(|(_, a)| !used.contains(a))
                 .map(|(b, a)| ((b, a), pool_label(v, &b)))
                 .collect()
         });
