@@ -158,7 +158,7 @@ impl Reported {
                         "FelixConfiguration {} sets {field}, which is not applied: {why}",
                         o.name
                     );
-                    if self.publish(inputs, &o.name, note).await {
+                    if self.publish(inputs, &o.name, &field, note).await {
                         self.published.insert(key);
                     }
                 }
@@ -166,7 +166,7 @@ impl Reported {
         }
     }
 
-    async fn publish(&self, inputs: &Inputs, name: &str, note: String) -> bool {
+    async fn publish(&self, inputs: &Inputs, name: &str, field: &str, note: String) -> bool {
         let Some(obj) = inputs.configs.get(&ObjectRef::new(name)) else {
             return false;
         };
@@ -174,7 +174,9 @@ impl Reported {
             type_: EventType::Warning,
             reason: REASON_UNSUPPORTED.to_string(),
             note: Some(note),
-            action: "Apply".to_string(),
+            // The recorder folds events of one action and reason into a series with the
+            // first note; one action per field keeps each field's own Event.
+            action: format!("Ignore {field}").chars().take(128).collect(),
             secondary: None,
         };
         match self.recorder.publish(&event, &obj.object_ref(&())).await {

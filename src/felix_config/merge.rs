@@ -345,13 +345,23 @@ pub fn pod_mtu(cni_mtu: u32, host_mtu: u32, vxlan: bool, ipip: bool, e: &Effecti
 }
 
 /// Values of Calico fields tortie leaves alone that are nevertheless what tortie does, so
-/// they are not reported (calico-node writes `reportingInterval: 0s` into `default`).
-fn harmless(field: &str, value: &serde_json::Value) -> bool {
-    match field {
-        "reportingInterval" => value
+/// they are not reported: empty values, calico-node's `reportingInterval: 0s`, the defaults
+/// calicoctl writes back on every update (`floatingIPs: Disabled`, BPF settings), and BPF
+/// or WireGuard settings while that feature is off (Felix ignores them then too).
+fn harmless(spec: &FelixConfigurationSpec, field: &str, value: &serde_json::Value) -> bool {
+    let on = |f: &str| spec.other.get(f).and_then(serde_json::Value::as_bool) == Some(true);
+    match (field, value) {
+        (_, serde_json::Value::String(s)) if s.is_empty() => true,
+        ("reportingInterval", v) => v
             .as_str()
             .and_then(parse_go_duration)
             .is_some_and(|d| d.is_zero()),
+        ("floatingIPs", v) => v.as_str() == Some("Disabled"),
+        ("bpfEnabled" | "wireguardEnabled" | "wireguardEnabledV6", v) => v.as_bool() == Some(false),
+        (f, _) if f.starts_with("bpf") => !on("bpfEnabled"),
+        (f, _) if f.starts_with("wireguard") => {
+            !on("wireguardEnabled") && !on("wireguardEnabledV6")
+        }
         _ => false,
     }
 }
@@ -361,7 +371,7 @@ pub fn unsupported(spec: &FelixConfigurationSpec) -> Vec<(String, &'static str)>
     let mut out: Vec<(String, &'static str)> = spec
         .other
         .iter()
-        .filter(|(k, v)| !v.is_null() && !harmless(k, v))
+        .filter(|(k, v)| !v.is_null() && !harmless(spec, k, v))
         .map(|(k, _)| (k.clone(), "tortie does not implement it"))
         .collect();
     if spec.health_enabled == Some(false) {
@@ -581,5 +591,16 @@ mod tests {
         );
         let calico_default = spec(serde_json::json!({"reportingInterval": "0s", "logSeverityScreen": "Info"}));
         assert!(unsupported(&calico_default).is_empty());
+        // What calicoctl 3.32 writes back on any update, BPF off.
+        let after_calicoctl = spec(serde_json::json!({
+            "bpfConnectTimeLoadBalancing": "TCP",
+            "bpfHostNetworkedNATWithoutCTLB": "Enabled",
+            "bpfLogLevel": "",
+            "floatingIPs": "Disabled"
+        }));
+        assert!(unsupported(&after_calicoctl).is_empty());
+        let bpf_on = spec(serde_json::json!({"bpfEnabled": true, "bpfLogLevel": "Debug"}));
+        let names: Vec<String> = unsupported(&bpf_on).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(names, ["bpfEnabled", "bpfLogLevel"]);
     }
 }
