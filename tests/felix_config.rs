@@ -165,6 +165,23 @@ async fn felix_configuration_changes_reach_the_vxlan_device_and_the_next_pod_liv
         &pod.path(),
     )
     .await;
+
+    // Ports: the servers move to FelixConfiguration's healthPort and prometheusMetricsPort
+    // (no flag set them here), the new one bound before the old one closes.
+    let ports = serde_json::json!({"spec": {"healthPort": 9199, "prometheusMetricsPort": 9191}});
+    felix
+        .patch("default", &PatchParams::default(), &Patch::Merge(&ports))
+        .await?;
+    let ip = daemon.http_ip;
+    wait(Duration::from_secs(15), "health on 9199 and metrics on 9191", || {
+        nodes::http_get(ip, 9199, "/liveness").map(|r| r.0) == Ok(200)
+            && nodes::http_get(ip, 9191, "/metrics").map(|r| r.0) == Ok(200)
+    })
+    .with_context(|| daemon.log())?;
+    wait(Duration::from_secs(5), "the old ports to close", || {
+        nodes::http_get(ip, nodes::HEALTH_PORT, "/liveness").is_err()
+            && nodes::http_get(ip, nodes::METRICS_PORT, "/metrics").is_err()
+    })?;
     let (status, _) = daemon.terminate();
     assert_eq!(status.code(), Some(0));
     Ok(())

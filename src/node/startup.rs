@@ -69,11 +69,19 @@ impl Running {
     }
 }
 
+/// Where the health and metrics servers should listen; start-up keeps them at the merged
+/// FelixConfiguration value.
+pub struct Listeners {
+    pub health: watch::Sender<std::net::SocketAddr>,
+    pub metrics: watch::Sender<std::net::SocketAddr>,
+}
+
 pub async fn start(
     cfg: &NodeConfig,
     metrics: &Metrics,
     ready: &Conditions,
     stopped: watch::Receiver<bool>,
+    listeners: Listeners,
 ) -> Result<Running, NodeError> {
     let node = cfg.node_name.as_str();
     service::install_binaries(&cfg.cni)?;
@@ -125,6 +133,7 @@ pub async fn start(
         is_leader: election.is_leader.clone(),
     });
     let log_task = tokio::spawn(follow_log_filter(effective.clone()));
+    let listen_task = tokio::spawn(follow_listeners(effective.clone(), listeners));
 
     let kernel = Kernel::host()?;
     let host_mtu = mtu::host_mtu(&kernel.handle).await?;
@@ -200,6 +209,7 @@ pub async fn start(
         settings: vec![
             follow_task,
             log_task,
+            listen_task,
             host_mtu_task,
             live_task,
             mtu_metrics_task,
@@ -248,6 +258,24 @@ async fn follow_log_filter(mut effective: watch::Receiver<crate::felix_config::E
             }
             current = want;
         }
+        if effective.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The HTTP servers' addresses follow the merged settings.
+async fn follow_listeners(
+    mut effective: watch::Receiver<crate::felix_config::Effective>,
+    to: Listeners,
+) {
+    loop {
+        let (health, metrics) = {
+            let e = effective.borrow_and_update();
+            (e.health, e.metrics)
+        };
+        to.health.send_if_modified(|a| std::mem::replace(a, health) != health);
+        to.metrics.send_if_modified(|a| std::mem::replace(a, metrics) != metrics);
         if effective.changed().await.is_err() {
             return;
         }
