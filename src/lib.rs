@@ -2,8 +2,8 @@
 //! README.md ("Architecture") maps each module to what it owns.
 
 pub mod api;
-pub mod calico_defaults;
 pub mod calc;
+pub mod calico_defaults;
 pub mod cni;
 pub mod config;
 pub mod dataplane;

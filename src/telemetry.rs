@@ -70,10 +70,11 @@ pub fn filter_was_explicit() -> bool {
 
 /// Replaces the filter of the subscriber `init` installed; a no-op without one.
 pub fn set_filter(filter: &str) -> Result<(), TelemetryError> {
-    let env_filter = EnvFilter::try_new(filter).map_err(|source| TelemetryError::InvalidFilter {
-        filter: filter.to_string(),
-        source,
-    })?;
+    let env_filter =
+        EnvFilter::try_new(filter).map_err(|source| TelemetryError::InvalidFilter {
+            filter: filter.to_string(),
+            source,
+        })?;
     match RELOAD.get() {
         Some(reload) => reload(env_filter).map_err(TelemetryError::AlreadyInstalled),
         None => Ok(()),
@@ -99,7 +100,9 @@ pub fn init(args: &LogArgs) -> Result<(), TelemetryError> {
         LogFormat::Text => {
             let b = builder.with_filter_reloading();
             let handle = b.reload_handle();
-            let _ = RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+            let _ = RELOAD.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
             b.try_init()
         }
         LogFormat::Json => {
@@ -109,7 +112,9 @@ pub fn init(args: &LogArgs) -> Result<(), TelemetryError> {
                 .with_current_span(false)
                 .with_filter_reloading();
             let handle = b.reload_handle();
-            let _ = RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+            let _ = RELOAD.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
             b.try_init()
         }
     };

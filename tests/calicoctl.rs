@@ -172,7 +172,8 @@ async fn tortie_ipam(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<(i32, S
 
 /// `tortie ipam show --show-blocks -o json` as Usage, plus the raw JSON.
 async fn tortie_show(kubeconfig: &Path) -> anyhow::Result<(Usage, Value)> {
-    let (code, out, err) = tortie_ipam(kubeconfig, &["show", "--show-blocks", "-o", "json"]).await?;
+    let (code, out, err) =
+        tortie_ipam(kubeconfig, &["show", "--show-blocks", "-o", "json"]).await?;
     ensure!(code == 0, "tortie ipam show failed: {err}");
     let v: Value = serde_json::from_str(&out)?;
     let mut u = Usage::default();
@@ -203,7 +204,10 @@ async fn tortie_check(h: &Harness) -> anyhow::Result<(i32, Value, String)> {
     let report_arg = report.to_string_lossy().into_owned();
     let (code, out, err) =
         tortie_ipam(h.cp.kubeconfig_path(), &["check", "-o", &report_arg]).await?;
-    ensure!(code == 0 || code == 1, "tortie ipam check could not run: {err}");
+    ensure!(
+        code == 0 || code == 1,
+        "tortie ipam check could not run: {err}"
+    );
     let v: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
     Ok((code, v, out))
 }
@@ -311,9 +315,15 @@ async fn set_cooldown(h: &Harness, secs: i32) -> anyhow::Result<()> {
     cfg.spec.ip_cooldown_seconds = Some(secs);
     api.replace("default", &PostParams::default(), &cfg).await?;
     let want = chrono::TimeDelta::seconds(i64::from(secs));
-    wait_for(Duration::from_secs(10), "IPAM to see the cooldown", || async move {
-        Ok(h.ipam.with_view(|v| v.limits.cooldown == want).then_some(()))
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "IPAM to see the cooldown",
+        || async move {
+            Ok(h.ipam
+                .with_view(|v| v.limits.cooldown == want)
+                .then_some(()))
+        },
+    )
     .await
 }
 
@@ -332,7 +342,9 @@ async fn same_usage(ctl: &Ctl, h: &Harness) -> anyhow::Result<Value> {
 #[tokio::test]
 async fn calicoctl_and_tortie_agree_after_pod_churn_and_both_report_seeded_leaks()
 -> anyhow::Result<()> {
-    let bin = calicoctl_or_skip!("calicoctl_and_tortie_agree_after_pod_churn_and_both_report_seeded_leaks");
+    let bin = calicoctl_or_skip!(
+        "calicoctl_and_tortie_agree_after_pod_churn_and_both_report_seeded_leaks"
+    );
     let h = harness("10.77.0.0/24", 28).await?;
     let client = h.cp.client();
     let ctl = Ctl {
@@ -350,10 +362,14 @@ async fn calicoctl_and_tortie_agree_after_pod_churn_and_both_report_seeded_leaks
         stopped.clone(),
     ));
     let infos: Api<ClusterInformation> = Api::all(client.clone());
-    let info = wait_for(Duration::from_secs(30), "ClusterInformation default", || {
-        let infos = infos.clone();
-        async move { Ok(infos.get_opt("default").await?) }
-    })
+    let info = wait_for(
+        Duration::from_secs(30),
+        "ClusterInformation default",
+        || {
+            let infos = infos.clone();
+            async move { Ok(infos.get_opt("default").await?) }
+        },
+    )
     .await?;
     assert_eq!(info.spec.datastore_ready, Some(true));
     assert_eq!(info.spec.cluster_type.as_deref(), Some("tortie,kdd"));
@@ -363,7 +379,9 @@ async fn calicoctl_and_tortie_agree_after_pod_churn_and_both_report_seeded_leaks
     // Never overwritten: a value an operator set survives the leader's next pass.
     let mut edited = infos.get("default").await?;
     edited.spec.variant = Some("Calico".into());
-    infos.replace("default", &PostParams::default(), &edited).await?;
+    infos
+        .replace("default", &PostParams::default(), &edited)
+        .await?;
     tortie::calico_defaults::ensure_all(&client, 900).await?;
     assert_eq!(
         infos.get("default").await?.spec.variant.as_deref(),
@@ -415,7 +433,10 @@ async fn calicoctl_and_tortie_agree_after_pod_churn_and_both_report_seeded_leaks
         out.contains("Found 1 IPs that are allocated in IPAM but not actually in use."),
         "{out}"
     );
-    assert!(out.contains("Found 1 handles with no matching IPs"), "{out}");
+    assert!(
+        out.contains("Found 1 handles with no matching IPs"),
+        "{out}"
+    );
     let (code, report, text) = tortie_check(&h).await?;
     assert_eq!(code, 1, "{text}");
     assert_eq!(
@@ -490,7 +511,10 @@ async fn cooldown_holds_are_collected_and_what_calicoctl_makes_of_them_stays_vis
     assert_eq!((code, kinds(&report)), (0, vec![]), "{text}");
     assert_eq!(report["cooling"].as_u64(), Some(cooling), "{text}");
     let (problems, out) = ctl.check().await?;
-    assert_eq!(problems, cooling, "calicoctl 3.32 counts every hold as leaked:\n{out}");
+    assert_eq!(
+        problems, cooling,
+        "calicoctl 3.32 counts every hold as leaked:\n{out}"
+    );
 
     // `calicoctl ipam release` of a held address: calicoctl frees it, and its rewrite of the
     // block turns the block's other holds into `{}` (it drops the field it does not know).
@@ -507,9 +531,7 @@ async fn cooldown_holds_are_collected_and_what_calicoctl_makes_of_them_stays_vis
         .with_view(|v| {
             let b = &v.blocks.get(&block_cidr)?.block;
             (0..b.allocations.len()).find_map(|o| match b.slot(o) {
-                tortie::ipam::block::Slot::Cooling(_) => {
-                    tortie::ipam::cidr::addr_at(&b.cidr, o)
-                }
+                tortie::ipam::block::Slot::Cooling(_) => tortie::ipam::cidr::addr_at(&b.cidr, o),
                 _ => None,
             })
         })
@@ -520,10 +542,14 @@ async fn cooldown_holds_are_collected_and_what_calicoctl_makes_of_them_stays_vis
     assert!(released.contains("Successfully released"), "{released}");
     let ownerless = holds - 1;
     let hr = &h;
-    let (code, report, text) = wait_for(Duration::from_secs(10), "tortie to see the {}s", || async move {
-        let r = tortie_check(hr).await?;
-        Ok((kinds(&r.1).len() as u64 == ownerless).then_some(r))
-    })
+    let (code, report, text) = wait_for(
+        Duration::from_secs(10),
+        "tortie to see the {}s",
+        || async move {
+            let r = tortie_check(hr).await?;
+            Ok((kinds(&r.1).len() as u64 == ownerless).then_some(r))
+        },
+    )
     .await?;
     assert_eq!(code, 1, "{text}");
     assert!(
@@ -551,17 +577,33 @@ async fn cooldown_holds_are_collected_and_what_calicoctl_makes_of_them_stays_vis
     )
     .await?;
     let sb = &on_extra;
-    let ip = wait_for(Duration::from_secs(10), "ADD from the new pool", || async move {
-        let o = cnitool(hr, "add", &sb.name, &sb.netns.path()).await?;
-        Ok(o.ok.then(|| o.json()["ips"][0]["address"].as_str().unwrap_or_default().to_string()))
-    })
+    let ip = wait_for(
+        Duration::from_secs(10),
+        "ADD from the new pool",
+        || async move {
+            let o = cnitool(hr, "add", &sb.name, &sb.netns.path()).await?;
+            Ok(o.ok.then(|| {
+                o.json()["ips"][0]["address"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }))
+        },
+    )
     .await?;
     h.remember(tortie::cni::install::NETWORK_NAME, &on_extra.netns.path());
     assert!(ip.starts_with("10.80.0."), "{ip}");
     ctl.ok(&["delete", "ippool", "extra"]).await?;
-    wait_for(Duration::from_secs(10), "tortie to drop the pool", || async move {
-        Ok(hr.ipam.with_view(|v| v.pools.pools().iter().all(|p| p.name != "extra")).then_some(()))
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "tortie to drop the pool",
+        || async move {
+            Ok(hr
+                .ipam
+                .with_view(|v| v.pools.pools().iter().all(|p| p.name != "extra"))
+                .then_some(()))
+        },
+    )
     .await?;
     let again = Sandbox {
         name: "on-extra-2".into(),
@@ -623,7 +665,9 @@ async fn calicoctl_patch_of_the_vxlan_mtu_reaches_the_next_pod() -> anyhow::Resu
         bin,
         kubeconfig: h.cp.kubeconfig_path().to_path_buf(),
     };
-    let mut pool = Api::<IPPool>::all(client.clone()).get("default-pool").await?;
+    let mut pool = Api::<IPPool>::all(client.clone())
+        .get("default-pool")
+        .await?;
     pool.spec = IPPoolSpec {
         vxlan_mode: EncapMode::Always,
         ..pool.spec
@@ -677,9 +721,11 @@ async fn calicoctl_patch_of_the_vxlan_mtu_reaches_the_next_pod() -> anyhow::Resu
         }
     });
     let d = &derived;
-    wait_for(Duration::from_secs(10), "pod MTU 1450 (VXLAN pool)", || async move {
-        Ok((*d.pod_mtu.borrow() == 1450).then_some(()))
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "pod MTU 1450 (VXLAN pool)",
+        || async move { Ok((*d.pod_mtu.borrow() == 1450).then_some(())) },
+    )
     .await?;
 
     let pods = sandboxes(&h, "mtu", 2).await?;
@@ -703,9 +749,15 @@ async fn calicoctl_patch_of_the_vxlan_mtu_reaches_the_next_pod() -> anyhow::Resu
     .await?;
     add(&h, &pods[1]).await?;
     let link = pods[1].netns.exec_ok(&["ip", "link", "show", "eth0"])?;
-    assert!(link.contains("mtu 1400"), "the next pod gets the new MTU: {link}");
+    assert!(
+        link.contains("mtu 1400"),
+        "the next pod gets the new MTU: {link}"
+    );
     let first = pods[0].netns.exec_ok(&["ip", "link", "show", "eth0"])?;
-    assert!(first.contains("mtu 1450"), "a running pod keeps its MTU: {first}");
+    assert!(
+        first.contains("mtu 1450"),
+        "a running pod keeps its MTU: {first}"
+    );
 
     // A field tortie does not apply is named once, in a Warning Event on the object.
     ctl.ok(&[
@@ -716,21 +768,28 @@ async fn calicoctl_patch_of_the_vxlan_mtu_reaches_the_next_pod() -> anyhow::Resu
         r#"{"spec":{"natOutgoingAddress":"192.0.2.1"}}"#,
     ])
     .await?;
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "default");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
     let named = |list: &[k8s_openapi::api::events::v1::Event]| {
         list.iter()
             .filter(|e| {
                 e.reason.as_deref() == Some(follow::REASON_UNSUPPORTED)
                     && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("default")
-                    && e.note.as_deref().is_some_and(|n| n.contains("natOutgoingAddress"))
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("natOutgoingAddress"))
             })
             .count()
     };
     let ev = &events;
-    let found = wait_for(Duration::from_secs(10), "the UnsupportedField event", || async move {
-        let list = ev.list(&Default::default()).await?.items;
-        Ok((named(&list) > 0).then_some(named(&list)))
-    })
+    let found = wait_for(
+        Duration::from_secs(10),
+        "the UnsupportedField event",
+        || async move {
+            let list = ev.list(&Default::default()).await?.items;
+            Ok((named(&list) > 0).then_some(named(&list)))
+        },
+    )
     .await?;
     tokio::time::sleep(follow::POLL * 4).await;
     assert_eq!(found, 1);

@@ -588,8 +588,14 @@ async fn calico_config_kinds_and_network_sets_round_trip_unchanged() {
     });
     let ar = ApiResource::erase::<GlobalNetworkSet>(&());
     let err = dynamic(&client, &ar)
-        .create(&PostParams::default(), &serde_json::from_value(bad).expect("object"))
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(bad).expect("object"),
+        )
         .await
         .expect_err("an invalid net is rejected");
-    assert!(err.to_string().contains("nets entries must be CIDRs"), "{err}");
+    assert!(
+        err.to_string().contains("nets entries must be CIDRs"),
+        "{err}"
+    );
 }

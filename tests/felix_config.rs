@@ -14,8 +14,8 @@ use nodes::{Daemon, DaemonOpts, Host};
 use support::{ControlPlane, NetNs};
 use tortie::api::ippool::EncapMode;
 use tortie::api::{
-    ClusterInformation, FelixConfiguration, FelixConfigurationSpec, IPAMConfig, IPPool,
-    IPPoolSpec, KubeControllersConfiguration,
+    ClusterInformation, FelixConfiguration, FelixConfigurationSpec, IPAMConfig, IPPool, IPPoolSpec,
+    KubeControllersConfiguration,
 };
 
 const NODE: &str = "fc-node";
@@ -122,10 +122,14 @@ async fn felix_configuration_changes_reach_the_vxlan_device_and_the_next_pod_liv
     felix
         .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    wait(Duration::from_secs(15), "vxlanMTU 1400 and port 4790", || {
-        let l = vxlan(&host);
-        l.contains("mtu 1400") && l.contains("dstport 4790")
-    })
+    wait(
+        Duration::from_secs(15),
+        "vxlanMTU 1400 and port 4790",
+        || {
+            let l = vxlan(&host);
+            l.contains("mtu 1400") && l.contains("dstport 4790")
+        },
+    )
     .with_context(|| format!("{}\n{}", vxlan(&host), daemon.log()))?;
     wait(Duration::from_secs(5), "pod MTU metric 1400", || {
         metric(&daemon) == Some(1400.0)
@@ -173,10 +177,14 @@ async fn felix_configuration_changes_reach_the_vxlan_device_and_the_next_pod_liv
         .patch("default", &PatchParams::default(), &Patch::Merge(&ports))
         .await?;
     let ip = daemon.http_ip;
-    wait(Duration::from_secs(15), "health on 9199 and metrics on 9191", || {
-        nodes::http_get(ip, 9199, "/liveness").map(|r| r.0) == Ok(200)
-            && nodes::http_get(ip, 9191, "/metrics").map(|r| r.0) == Ok(200)
-    })
+    wait(
+        Duration::from_secs(15),
+        "health on 9199 and metrics on 9191",
+        || {
+            nodes::http_get(ip, 9199, "/liveness").map(|r| r.0) == Ok(200)
+                && nodes::http_get(ip, 9191, "/metrics").map(|r| r.0) == Ok(200)
+        },
+    )
     .with_context(|| daemon.log())?;
     wait(Duration::from_secs(5), "the old ports to close", || {
         nodes::http_get(ip, nodes::HEALTH_PORT, "/liveness").is_err()

@@ -97,7 +97,10 @@ async fn an_exhausted_pool_whose_only_free_addresses_are_expired_holds_serves_th
         released.push(ips[i].clone());
     }
     let b = block_of(&client, "10.251.0.0/29").await?;
-    assert_eq!((b.cooling_count(), b.in_use_count(), b.unallocated.len()), (3, 5, 0));
+    assert_eq!(
+        (b.cooling_count(), b.in_use_count(), b.unallocated.len()),
+        (3, 5, 0)
+    );
 
     create_pod(&client, "next", &[]).await?;
     let next = NetNs::new("pod")?;
@@ -112,7 +115,10 @@ async fn an_exhausted_pool_whose_only_free_addresses_are_expired_holds_serves_th
     // No scan runs in this test: the ADD's own read of the full block collects the holds.
     tokio::time::sleep(Duration::from_secs(u64::try_from(COOLDOWN)? + 2)).await;
     let ip = add_ok(&h, "next", &next).await?;
-    assert!(released.contains(&ip), "{ip} is one of the released {released:?}");
+    assert!(
+        released.contains(&ip),
+        "{ip} is one of the released {released:?}"
+    );
     let b = block_of(&client, "10.251.0.0/29").await?;
     assert_eq!(
         (b.cooling_count(), b.in_use_count(), b.unallocated.len()),
@@ -181,7 +187,11 @@ async fn released_at_entries_are_converted_at_start_up_and_ownerless_ones_collec
             assert_eq!(b.in_use_count(), 1, "{b:?}");
             assert_eq!(b.ownerless_count(), 1);
             assert!(b.attributes.iter().all(|a| a.released_at.is_none()));
-            assert_eq!(&b.unallocated[4..], &[1, 2], "freed in ordinal order at the tail");
+            assert_eq!(
+                &b.unallocated[4..],
+                &[1, 2],
+                "freed in ordinal order at the tail"
+            );
             break;
         }
         ensure!(Instant::now() < deadline, "never converted: {b:?}");
@@ -212,7 +222,10 @@ async fn released_at_entries_are_converted_at_start_up_and_ownerless_ones_collec
             assert_eq!(b.slot(3), Slot::Free);
             break;
         }
-        ensure!(Instant::now() < deadline, "ownerless entry never released: {b:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "ownerless entry never released: {b:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let counts = status.snapshot();

@@ -28,7 +28,11 @@ pub struct ClusterInformationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calico_version: Option<String>,
     /// Random identifier of the cluster (32 hex digits, as Calico writes it).
-    #[serde(rename = "clusterGUID", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "clusterGUID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cluster_guid: Option<String>,
     /// Comma-separated list of what installed the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]

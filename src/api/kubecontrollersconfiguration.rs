@@ -108,7 +108,11 @@ pub struct AutoHostEndpointTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub generate_name: Option<String>,
-    #[serde(rename = "interfaceCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "interfaceCIDRs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub interface_cidrs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -75,7 +75,11 @@ fn compute(i: &Inputs) -> (u32, OverlayConfig) {
 /// Starts recomputing; the first values are ready on return.
 pub fn spawn(mut i: Inputs) -> (Outputs, JoinHandle<()>) {
     let (mtu, overlay) = compute(&i);
-    tracing::info!(pod_mtu = mtu, host_mtu = *i.host_mtu.borrow(), "pod MTU chosen");
+    tracing::info!(
+        pod_mtu = mtu,
+        host_mtu = *i.host_mtu.borrow(),
+        "pod MTU chosen"
+    );
     let (mtu_tx, mtu_rx) = watch::channel(mtu);
     let (ov_tx, ov_rx) = watch::channel(overlay);
     let task = tokio::spawn(async move {

@@ -333,8 +333,15 @@ pub fn pod_mtu(cni_mtu: u32, host_mtu: u32, vxlan: bool, ipip: bool, e: &Effecti
     }
     let mut mtu: Option<u32> = None;
     let encaps = [
-        (vxlan, e.vxlan_mtu.unwrap_or(host_mtu.saturating_sub(VXLAN_OVERHEAD))),
-        (ipip, e.ipip_mtu.unwrap_or(host_mtu.saturating_sub(IPIP_OVERHEAD))),
+        (
+            vxlan,
+            e.vxlan_mtu
+                .unwrap_or(host_mtu.saturating_sub(VXLAN_OVERHEAD)),
+        ),
+        (
+            ipip,
+            e.ipip_mtu.unwrap_or(host_mtu.saturating_sub(IPIP_OVERHEAD)),
+        ),
     ];
     for (enabled, m) in encaps {
         if enabled && m > 0 {
@@ -482,7 +489,10 @@ mod tests {
         assert_eq!(e.health.port(), 9100);
         assert_eq!(e.route_refresh, Duration::from_secs(30));
         // A node outside the zone gets the global value.
-        let other = merge(&Local::default(), &Sources::select(&objects, "n3", &labels(&[])));
+        let other = merge(
+            &Local::default(),
+            &Sources::select(&objects, "n3", &labels(&[])),
+        );
         assert_eq!((other.vxlan_mtu, other.vxlan_vni), (Some(1400), 4096));
         // Explicit flags win, as Felix's environment variables do.
         let local = Local {
@@ -499,11 +509,20 @@ mod tests {
     #[test]
     fn the_oldest_matching_selector_object_wins() {
         let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0);
-        let mut a = obj("b-young", serde_json::json!({"nodeSelector": "all()", "vxlanMTU": 1000}));
+        let mut a = obj(
+            "b-young",
+            serde_json::json!({"nodeSelector": "all()", "vxlanMTU": 1000}),
+        );
         a.created = t(10);
-        let mut b = obj("a-old", serde_json::json!({"nodeSelector": "all()", "vxlanMTU": 1100}));
+        let mut b = obj(
+            "a-old",
+            serde_json::json!({"nodeSelector": "all()", "vxlanMTU": 1100}),
+        );
         b.created = t(0);
-        let broken = obj("c", serde_json::json!({"nodeSelector": "((", "vxlanMTU": 900}));
+        let broken = obj(
+            "c",
+            serde_json::json!({"nodeSelector": "((", "vxlanMTU": 900}),
+        );
         let s = Sources::select(&[a, b, broken], "n1", &labels(&[]));
         assert_eq!(s.selector.map(|o| o.name), Some("a-old".into()));
     }
@@ -589,7 +608,8 @@ mod tests {
                 "prometheusMetricsEnabled"
             ]
         );
-        let calico_default = spec(serde_json::json!({"reportingInterval": "0s", "logSeverityScreen": "Info"}));
+        let calico_default =
+            spec(serde_json::json!({"reportingInterval": "0s", "logSeverityScreen": "Info"}));
         assert!(unsupported(&calico_default).is_empty());
         // What calicoctl 3.32 writes back on any update, BPF off.
         let after_calicoctl = spec(serde_json::json!({

@@ -251,8 +251,7 @@ impl Block {
             {
                 self.allocations[ord] = None;
                 self.unallocated.push(ord);
-                self.sequence_number_for_allocation
-                    .remove(&ord.to_string());
+                self.sequence_number_for_allocation.remove(&ord.to_string());
                 changed = true;
             }
         }
@@ -367,25 +366,25 @@ impl Block {
 
     /// Calico's `release` of one address: an allocated ordinal that is not already cooling
     /// (held or ownerless) gets a fresh sequence number and a `releasedAt` attribute, then
-    /// the block is garbage-collected. Returns the handle it had (None when ownerless), or
-    /// Err(()) when there was nothing to release.
+    /// the block is garbage-collected. Returns Some(the handle it had, None when ownerless),
+    /// or None when there was nothing to release.
     pub fn release_ordinal(
         &mut self,
         ord: usize,
         now: DateTime<Utc>,
         cooldown: TimeDelta,
-    ) -> Result<Option<String>, ()> {
+    ) -> Option<Option<String>> {
         let had = match self.slot(ord) {
             Slot::Held(a) => a.handle_id.clone(),
             Slot::Ownerless => None,
-            Slot::Free | Slot::Cooling(_) => return Err(()),
+            Slot::Free | Slot::Cooling(_) => return None,
         };
         let marker = self.add_cooldown_attribute(now);
         self.allocations[ord] = Some(marker);
         self.sequence_number_for_allocation
             .insert(ord.to_string(), self.sequence_number);
         self.garbage_collect(now, cooldown);
-        Ok(had)
+        Some(had)
     }
 
     fn add_cooldown_attribute(&mut self, now: DateTime<Utc>) -> usize {
@@ -699,8 +698,8 @@ mod tests {
         assert!(!b.garbage_collect(t(50), NO_COOL), "GC leaves `{{}}` alone");
         assert!(b.handle_counts().is_empty());
         assert!(b.holder(ip("10.0.0.0")).is_none());
-        assert_eq!(b.release_ordinal(0, t(60), NO_COOL), Ok(None));
-        assert_eq!(b.release_ordinal(0, t(60), NO_COOL), Err(()));
+        assert_eq!(b.release_ordinal(0, t(60), NO_COOL), Some(None));
+        assert_eq!(b.release_ordinal(0, t(60), NO_COOL), None);
         assert_eq!(b.unallocated, vec![2, 3, 0]);
         assert_eq!(b.ownerless_count(), 1);
     }

@@ -485,7 +485,11 @@ mod tests {
         let n = b.allocations.len();
         for i in 0..n {
             let owner = Owner {
-                handle_id: if i < released { "gone".into() } else { format!("h{i}") },
+                handle_id: if i < released {
+                    "gone".into()
+                } else {
+                    format!("h{i}")
+                },
                 attrs: BTreeMap::new(),
             };
             b.auto_assign(1, &owner, &Reservations::EMPTY, t(0), COOL);
@@ -549,13 +553,19 @@ mod tests {
             now: t(931),
             ..search("n1", vec![&p], &blocks, cool_limits())
         };
-        assert_eq!(later.next_step().unwrap(), Step::Affine(net("10.251.0.0/29")));
+        assert_eq!(
+            later.next_step().unwrap(),
+            Step::Affine(net("10.251.0.0/29"))
+        );
         // Another node borrows from it the same way.
         let other = Search {
             now: t(931),
             ..search("n2", vec![&p], &blocks, cool_limits())
         };
-        assert_eq!(other.next_step().unwrap(), Step::Borrow(net("10.251.0.0/29")));
+        assert_eq!(
+            other.next_step().unwrap(),
+            Step::Borrow(net("10.251.0.0/29"))
+        );
     }
 
     #[test]

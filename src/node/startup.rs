@@ -15,12 +15,12 @@ use super::overlay::Overlay;
 use super::overlay_metrics::OverlayMetrics;
 use super::tunnel::Publisher;
 use super::{NodeError, identity};
-use crate::felix_config::{follow, live};
 use crate::cni::service::{self, CniService};
 use crate::config::NodeConfig;
 use crate::dataplane::{Kernel, mtu};
 use crate::datastore::lease::{Election, LeaderElector, LeaseConfig};
 use crate::datastore::{self, Datastore, DatastoreStatus};
+use crate::felix_config::{follow, live};
 use crate::http::{Condition, Readiness};
 use crate::ipam::Ipam;
 use crate::metrics::Metrics;
@@ -62,7 +62,9 @@ impl Running {
     pub async fn stop(self) {
         self.drivers.stop();
         self.ipam_jobs.stop();
-        self.settings.iter().for_each(tokio::task::JoinHandle::abort);
+        self.settings
+            .iter()
+            .for_each(tokio::task::JoinHandle::abort);
         self.cni.task.abort();
         self.datastore.stop().await;
         self.election.stopped().await;
@@ -274,8 +276,10 @@ async fn follow_listeners(
             let e = effective.borrow_and_update();
             (e.health, e.metrics)
         };
-        to.health.send_if_modified(|a| std::mem::replace(a, health) != health);
-        to.metrics.send_if_modified(|a| std::mem::replace(a, metrics) != metrics);
+        to.health
+            .send_if_modified(|a| std::mem::replace(a, health) != health);
+        to.metrics
+            .send_if_modified(|a| std::mem::replace(a, metrics) != metrics);
         if effective.changed().await.is_err() {
             return;
         }

@@ -178,11 +178,9 @@ impl std::fmt::Display for Problem {
                     write!(f, " once {} no longer uses it)", in_use_by.join(", "))
                 }
             }
-            Problem::InUseNotAllocated { ip, users, reason } => write!(
-                f,
-                "IP {ip} is used by {} but {reason}",
-                users.join(", ")
-            ),
+            Problem::InUseNotAllocated { ip, users, reason } => {
+                write!(f, "IP {ip} is used by {} but {reason}", users.join(", "))
+            }
             Problem::InUseOutsidePools { ip, users } => write!(
                 f,
                 "IP {ip} is used by {} and is not in any enabled IPPool",
@@ -254,12 +252,16 @@ fn check_blocks(snap: &Snapshot, now: DateTime<Utc>, problems: &mut Vec<Problem>
                 block: b.cidr.to_string(),
                 reason: reason.clone(),
             }),
-            Ok(blk) => problems.extend(blk.lint(now).into_iter().map(|reason| {
-                Problem::InvalidBlock {
-                    block: b.cidr.to_string(),
-                    reason,
-                }
-            })),
+            Ok(blk) => {
+                problems.extend(
+                    blk.lint(now)
+                        .into_iter()
+                        .map(|reason| Problem::InvalidBlock {
+                            block: b.cidr.to_string(),
+                            reason,
+                        }),
+                )
+            }
         }
         if snap.pool_of(&b.cidr).is_none() {
             problems.push(Problem::BlockOutsidePools {
@@ -752,8 +754,14 @@ mod tests {
         );
         let later = check(&s, t(3600));
         assert!(render(&later).contains("10.1.0.128/26"));
-        assert!(text.contains("IP 10.1.0.77 is used by pod default/x but IPAM has no allocation"), "{text}");
-        assert!(text.contains("IP 192.0.2.1 is used by pod default/y and is not in any enabled IPPool"), "{text}");
+        assert!(
+            text.contains("IP 10.1.0.77 is used by pod default/x but IPAM has no allocation"),
+            "{text}"
+        );
+        assert!(
+            text.contains("IP 192.0.2.1 is used by pod default/y and is not in any enabled IPPool"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -795,21 +803,36 @@ mod tests {
         ]));
         let r = check(&s, t(20));
         assert_eq!(r.cooling, 1);
-        assert_eq!(r.allocations, 4, "held and ownerless count, cooling does not");
+        assert_eq!(
+            r.allocations, 4,
+            "held and ownerless count, cooling does not"
+        );
         let text = render(&r);
-        assert!(text.contains("1 released addresses are cooling down"), "{text}");
+        assert!(
+            text.contains("1 released addresses are cooling down"),
+            "{text}"
+        );
         assert!(
             text.contains("IP 10.1.0.2 in block 10.1.0.0/26 is allocated to no handle"),
             "{text}"
         );
-        assert!(text.contains("once pod default/c no longer uses it"), "{text}");
+        assert!(
+            text.contains("once pod default/c no longer uses it"),
+            "{text}"
+        );
         assert!(
             text.contains("IP 10.1.0.4 (handle vxlan-tunnel-addr-n9) is allocated but not in use: no node publishes it"),
             "{text}"
         );
-        assert!(text.contains("exists with UID u5, not the recorded u4"), "{text}");
+        assert!(
+            text.contains("exists with UID u5, not the recorded u4"),
+            "{text}"
+        );
         // And pod d's own address is used without an allocation.
-        assert!(text.contains("IP 10.1.0.60 is used by pod default/d but IPAM has no allocation"), "{text}");
+        assert!(
+            text.contains("IP 10.1.0.60 is used by pod default/d but IPAM has no allocation"),
+            "{text}"
+        );
         assert_eq!(r.problems.len(), 4, "{text}");
     }
 }

@@ -448,7 +448,10 @@ mod tests {
         let text = render_usage(&u, false);
         assert!(text.contains("Outside pools (1 blocks)"), "{text}");
         let text = render_usage(&u, true);
-        let orphan_row = text.lines().find(|l| l.contains("10.9.0.0/30")).unwrap_or("");
+        let orphan_row = text
+            .lines()
+            .find(|l| l.contains("10.9.0.0/30"))
+            .unwrap_or("");
         assert!(orphan_row.contains("Block (n2)"), "{text}");
     }
 

@@ -67,7 +67,7 @@ pub async fn release_addr(
         }
         // Calico's release of one address: a fresh sequence number, a `releasedAt`
         // attribute, then the collection that frees it at once when there is no cooldown.
-        if block.release_ordinal(ord, now, cooldown).is_err() {
+        if block.release_ordinal(ord, now, cooldown).is_none() {
             return Ok(AddrRelease::NotAllocated);
         }
         block.bump_sequence();

@@ -373,7 +373,7 @@ fn apply(
             let ownerless = crate::ipam::cidr::ordinal_of(&block.cidr, *addr)
                 .filter(|o| block.slot(*o) == Slot::Ownerless);
             match ownerless.map(|o| block.release_ordinal(o, now, cooldown)) {
-                Some(Ok(_)) => Outcome::Addrs(vec![*addr]),
+                Some(Some(_)) => Outcome::Addrs(vec![*addr]),
                 _ => Outcome::Addrs(Vec::new()),
             }
         }
