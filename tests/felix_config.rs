@@ -1,7 +1,8 @@
 // FelixConfiguration through a real `tortie node` in a node namespace: the Lease holder
 // creates the `default` objects Calico's tools expect, and a change of `default` or of the
 // node's own `node.<name>` (which wins) reaches the VXLAN device, the pod MTU metric and the
-// next pod's MTU without a restart; a field tortie does not apply is named in an Event.
+// next pod's MTU without a restart, as does a host MTU change; the health and metrics
+// servers move to the configured ports; a field tortie does not apply is logged.
 
 mod nodes;
 mod support;
@@ -83,6 +84,18 @@ async fn felix_configuration_changes_reach_the_vxlan_device_and_the_next_pod_liv
     };
     assert_eq!(metric(&daemon), Some(1450.0), "{}", daemon.log());
     assert!(vxlan(&host).contains("mtu 1450"), "{}", vxlan(&host));
+
+    // A host MTU change (measured again every 10 s) reaches the device and new pods.
+    for nic in ["eth0", "eth0p"] {
+        host.ns
+            .exec_ok(&["ip", "link", "set", nic, "mtu", "1480"])?;
+    }
+    wait(
+        Duration::from_secs(25),
+        "host MTU 1480 -> pod MTU 1430",
+        || metric(&daemon) == Some(1430.0) && vxlan(&host).contains("mtu 1430"),
+    )
+    .with_context(|| daemon.log())?;
 
     // The leader (the only daemon) created Calico's default objects.
     let felix: Api<FelixConfiguration> = Api::all(client.clone());
