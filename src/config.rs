@@ -21,21 +21,23 @@ pub struct NodeArgs {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Address the health server (`/liveness`, `/readiness`) listens on.
-    #[arg(long, env = "TORTIE_HEALTH_ADDR", default_value = "0.0.0.0")]
-    pub health_addr: IpAddr,
+    /// Address the health server (`/liveness`, `/readiness`) listens on [default: 0.0.0.0].
+    /// Set explicitly, it wins over FelixConfiguration `healthHost`.
+    #[arg(long, env = "TORTIE_HEALTH_ADDR")]
+    pub health_addr: Option<IpAddr>,
 
-    /// Port of the health server.
-    #[arg(long, env = "TORTIE_HEALTH_PORT", default_value_t = 9099)]
-    pub health_port: u16,
+    /// Port of the health server [default: 9099]; set, it wins over `healthPort`.
+    #[arg(long, env = "TORTIE_HEALTH_PORT")]
+    pub health_port: Option<u16>,
 
-    /// Address the Prometheus metrics server (`/metrics`) listens on.
-    #[arg(long, env = "TORTIE_METRICS_ADDR", default_value = "0.0.0.0")]
-    pub metrics_addr: IpAddr,
+    /// Address the Prometheus metrics server (`/metrics`) listens on [default: 0.0.0.0];
+    /// set, it wins over FelixConfiguration `prometheusMetricsHost`.
+    #[arg(long, env = "TORTIE_METRICS_ADDR")]
+    pub metrics_addr: Option<IpAddr>,
 
-    /// Port of the metrics server.
-    #[arg(long, env = "TORTIE_METRICS_PORT", default_value_t = 9091)]
-    pub metrics_port: u16,
+    /// Port of the metrics server [default: 9091]; set, it wins over `prometheusMetricsPort`.
+    #[arg(long, env = "TORTIE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
 
     /// How the node IP is found, as in Calico: first-found, interface=<regex>,
     /// skip-interface=<regex>, cidr=<cidr>, can-reach=<ip>, kubernetes-internal-ip.
@@ -43,9 +45,9 @@ pub struct NodeArgs {
     pub ip_autodetection_method: String,
 
     /// Seconds between full dataplane resyncs that repair drift the kernel monitor missed
-    /// (Felix's RouteRefreshInterval).
-    #[arg(long, env = "TORTIE_RESYNC_INTERVAL", default_value_t = 90)]
-    pub resync_interval: u64,
+    /// [default: 90]; set, it wins over FelixConfiguration `routeRefreshInterval`.
+    #[arg(long, env = "TORTIE_RESYNC_INTERVAL")]
+    pub resync_interval: Option<u64>,
 
     /// TX checksum offload on `vxlan.calico` is broken here (Calico's ChecksumOffloadBroken):
     /// true turns it off, false keeps it on; unset decides from the kernel version.
@@ -87,6 +89,8 @@ pub struct NodeConfig {
     pub lease_namespace: String,
     pub ipam_gc_grace: Duration,
     pub cni: CniNodeArgs,
+    /// The settings above that were given explicitly: they win over FelixConfiguration.
+    pub felix_local: crate::felix_config::Local,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -124,25 +128,44 @@ impl NodeConfig {
             Some(p) => KubeSource::Kubeconfig(p),
             None => KubeSource::InCluster,
         };
-        if args.health_port == 0 {
+        use crate::felix_config::merge::{
+            DEFAULT_HEALTH_PORT, DEFAULT_LISTEN_HOST, DEFAULT_METRICS_PORT, DEFAULT_ROUTE_REFRESH,
+        };
+        let felix_local = crate::felix_config::Local {
+            health_host: args.health_addr,
+            health_port: args.health_port,
+            metrics_host: args.metrics_addr,
+            metrics_port: args.metrics_port,
+            route_refresh: args.resync_interval.map(Duration::from_secs),
+            checksum_offload_broken: args.checksum_offload_broken,
+            log_level_set: crate::telemetry::filter_was_explicit(),
+        };
+        let health_port = args.health_port.unwrap_or(DEFAULT_HEALTH_PORT);
+        let metrics_port = args.metrics_port.unwrap_or(DEFAULT_METRICS_PORT);
+        if health_port == 0 {
             return Err(ConfigError::ZeroPort { what: "health" });
         }
-        if args.metrics_port == 0 {
+        if metrics_port == 0 {
             return Err(ConfigError::ZeroPort { what: "metrics" });
         }
-        let health_listen = SocketAddr::new(args.health_addr, args.health_port);
-        let metrics_listen = SocketAddr::new(args.metrics_addr, args.metrics_port);
+        let health_addr = args.health_addr.unwrap_or(DEFAULT_LISTEN_HOST);
+        let metrics_addr = args.metrics_addr.unwrap_or(DEFAULT_LISTEN_HOST);
+        let health_listen = SocketAddr::new(health_addr, health_port);
+        let metrics_listen = SocketAddr::new(metrics_addr, metrics_port);
         // 0.0.0.0:P and 127.0.0.1:P also collide, so compare ports when either side is unspecified.
         let overlap = health_listen == metrics_listen
-            || (args.health_port == args.metrics_port
-                && (args.health_addr.is_unspecified() || args.metrics_addr.is_unspecified()));
+            || (health_port == metrics_port
+                && (health_addr.is_unspecified() || metrics_addr.is_unspecified()));
         if overlap {
             return Err(ConfigError::SameListenAddress {
                 addr: health_listen,
             });
         }
         let autodetection = identity::Method::parse(&args.ip_autodetection_method)?;
-        if args.resync_interval == 0 {
+        let resync_interval = args
+            .resync_interval
+            .map_or(DEFAULT_ROUTE_REFRESH, Duration::from_secs);
+        if resync_interval.is_zero() {
             return Err(ConfigError::ZeroResync);
         }
         if args.lease_namespace.is_empty() {
@@ -154,11 +177,12 @@ impl NodeConfig {
             health_listen,
             metrics_listen,
             autodetection,
-            resync_interval: Duration::from_secs(args.resync_interval),
+            resync_interval,
             checksum_offload_broken: args.checksum_offload_broken,
             lease_namespace: args.lease_namespace,
             ipam_gc_grace: Duration::from_secs(args.ipam_gc_grace),
             cni: args.cni,
+            felix_local,
         })
     }
 }
@@ -220,6 +244,28 @@ mod tests {
         assert_eq!(cfg.metrics_listen, "0.0.0.0:9091".parse().expect("addr"));
         assert_eq!(cfg.kube, KubeSource::Kubeconfig("/k".into()));
         assert_eq!(cfg.node_name, "worker-1");
+        assert_eq!(
+            cfg.felix_local,
+            crate::felix_config::Local::default(),
+            "nothing explicit: FelixConfiguration may set every one"
+        );
+    }
+
+    #[test]
+    fn explicit_flags_are_remembered_so_they_win_over_felix_configuration() {
+        let cfg = NodeConfig::from_args(parse(&[
+            "--node-name",
+            "n1",
+            "--health-port",
+            "9100",
+            "--resync-interval",
+            "30",
+        ]))
+        .expect("valid");
+        assert_eq!(cfg.felix_local.health_port, Some(9100));
+        assert_eq!(cfg.felix_local.route_refresh, Some(Duration::from_secs(30)));
+        assert_eq!(cfg.felix_local.metrics_port, None);
+        assert_eq!(cfg.health_listen.port(), 9100);
     }
 
     #[test]

@@ -3,10 +3,12 @@
 
 pub mod api;
 pub mod calc;
+pub mod calico_defaults;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
+pub mod felix_config;
 pub mod http;
 pub mod ipam;
 pub mod metrics;

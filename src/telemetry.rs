@@ -54,10 +54,38 @@ pub fn filter_text(explicit: Option<&str>, rust_log: Option<&str>) -> String {
         .to_owned()
 }
 
+type Reloader = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Swaps the installed subscriber's filter (FelixConfiguration `logSeverityScreen`).
+static RELOAD: std::sync::OnceLock<Reloader> = std::sync::OnceLock::new();
+
+/// Set by `init`: the log filter was given explicitly.
+static EXPLICIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Whether the log filter was given explicitly (`--log-level`, `TORTIE_LOG_LEVEL` or
+/// `RUST_LOG`): then it wins over FelixConfiguration, as Felix's environment does.
+pub fn filter_was_explicit() -> bool {
+    EXPLICIT.get().copied().unwrap_or(false)
+}
+
+/// Replaces the filter of the subscriber `init` installed; a no-op without one.
+pub fn set_filter(filter: &str) -> Result<(), TelemetryError> {
+    let env_filter =
+        EnvFilter::try_new(filter).map_err(|source| TelemetryError::InvalidFilter {
+            filter: filter.to_string(),
+            source,
+        })?;
+    match RELOAD.get() {
+        Some(reload) => reload(env_filter).map_err(TelemetryError::AlreadyInstalled),
+        None => Ok(()),
+    }
+}
+
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(args: &LogArgs) -> Result<(), TelemetryError> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = filter_text(args.log_level.as_deref(), rust_log.as_deref());
+    let _ = EXPLICIT.set(filter != DEFAULT_FILTER);
     let env_filter =
         EnvFilter::try_new(&filter).map_err(|source| TelemetryError::InvalidFilter {
             filter: filter.clone(),
@@ -69,12 +97,26 @@ pub fn init(args: &LogArgs) -> Result<(), TelemetryError> {
         // Colour codes only help a person at a terminal; in pod logs they are noise.
         .with_ansi(std::io::stderr().is_terminal());
     let installed = match args.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Text => {
+            let b = builder.with_filter_reloading();
+            let handle = b.reload_handle();
+            let _ = RELOAD.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+            b.try_init()
+        }
+        LogFormat::Json => {
+            let b = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_filter_reloading();
+            let handle = b.reload_handle();
+            let _ = RELOAD.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+            b.try_init()
+        }
     };
     installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))
 }

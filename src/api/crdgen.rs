@@ -23,6 +23,11 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         super::IPReservation::crd(),
         super::NetworkPolicy::crd(),
         super::GlobalNetworkPolicy::crd(),
+        super::ClusterInformation::crd(),
+        super::FelixConfiguration::crd(),
+        super::KubeControllersConfiguration::crd(),
+        super::NetworkSet::crd(),
+        super::GlobalNetworkSet::crd(),
     ]
 }
 
@@ -161,13 +166,13 @@ mod tests {
             .map(|c| (c.spec.names.kind, c.spec.scope))
             .collect();
         for (kind, scope) in &scopes {
-            let want = if kind == "NetworkPolicy" {
+            let want = if ["NetworkPolicy", "NetworkSet"].contains(&kind.as_str()) {
                 "Namespaced"
             } else {
                 "Cluster"
             };
             assert_eq!(scope, want, "{kind}");
         }
-        assert_eq!(scopes.len(), 8);
+        assert_eq!(scopes.len(), 13);
     }
 }

@@ -73,7 +73,11 @@ pub struct AllocationAttribute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary: Option<BTreeMap<String, String>>,
     /// Attributes of the other owner during a KubeVirt live migration.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "alternateOwnerAttrs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub alternate: Option<BTreeMap<String, String>>,
     /// Set on a released address still in its cooldown (ipCooldownSeconds).
     #[serde(

@@ -3,25 +3,37 @@
 //! `crdgen` turns the types into the CRD manifests committed under `manifests/crds/`.
 
 pub mod blockaffinity;
+pub mod clusterinformation;
 pub mod crdgen;
+pub mod felixconfiguration;
+pub mod globalnetworkset;
 pub mod ipamblock;
 pub mod ipamconfig;
 pub mod ipamhandle;
 pub mod ippool;
 pub mod ipreservation;
+pub mod kubecontrollersconfiguration;
 pub mod networkpolicy;
+pub mod networkset;
 pub mod rule;
 
 pub use blockaffinity::{AffinityState, AffinityType, BlockAffinity, BlockAffinitySpec};
+pub use clusterinformation::{ClusterInformation, ClusterInformationSpec};
+pub use felixconfiguration::{FelixConfiguration, FelixConfigurationSpec};
+pub use globalnetworkset::{GlobalNetworkSet, GlobalNetworkSetSpec};
 pub use ipamblock::{AllocationAttribute, IPAMBlock, IPAMBlockSpec};
 pub use ipamconfig::{IPAMConfig, IPAMConfigSpec, VMAddressPersistence};
 pub use ipamhandle::{IPAMHandle, IPAMHandleSpec};
 pub use ippool::{AllowedUse, AssignmentMode, EncapMode, IPPool, IPPoolSpec};
 pub use ipreservation::{IPReservation, IPReservationSpec};
+pub use kubecontrollersconfiguration::{
+    KubeControllersConfiguration, KubeControllersConfigurationSpec,
+};
 pub use networkpolicy::{
     GlobalNetworkPolicy, GlobalNetworkPolicySpec, NetworkPolicy, NetworkPolicySpec,
     PerformanceHint, PolicyType,
 };
+pub use networkset::{NetworkSet, NetworkSetSpec};
 pub use rule::{
     Action, EntityRule, HTTPMatch, HTTPPath, ICMPFields, Rule, RuleMetadata, ServiceAccountMatch,
     ServiceMatch,

@@ -22,6 +22,9 @@ pub struct OverlayConfig {
     pub host_mtu: u32,
     pub vxlan_vni: u32,
     pub vxlan_port: u16,
+    /// FelixConfiguration `vxlanMTU` / `ipipMTU`; None: host MTU less the overhead.
+    pub vxlan_mtu: Option<u32>,
+    pub ipip_mtu: Option<u32>,
     pub route_table: u32,
     /// From `calc::offload::vxlan_tx_checksum_offload`.
     pub vxlan_tx_checksum_offload: bool,
@@ -33,6 +36,8 @@ impl Default for OverlayConfig {
             host_mtu: FALLBACK_HOST_MTU,
             vxlan_vni: 4096,
             vxlan_port: 4789,
+            vxlan_mtu: None,
+            ipip_mtu: None,
             route_table: MAIN_TABLE,
             vxlan_tx_checksum_offload: true,
         }
@@ -60,7 +65,7 @@ pub fn desired_dataplane(view: &ClusterView, cfg: &OverlayConfig) -> DesiredData
             vni: cfg.vxlan_vni,
             port: cfg.vxlan_port,
             mac: vtep_mac(&node.name),
-            mtu: vxlan_mtu(cfg.host_mtu),
+            mtu: cfg.vxlan_mtu.unwrap_or_else(|| vxlan_mtu(cfg.host_mtu)),
             local_ip: ip.addr(),
             tunnel_addr,
             tx_checksum_offload: cfg.vxlan_tx_checksum_offload,
@@ -69,7 +74,7 @@ pub fn desired_dataplane(view: &ClusterView, cfg: &OverlayConfig) -> DesiredData
     if view.ipip_enabled() {
         d.ipip = Some(IpipDevice {
             name: IPIP_DEVICE.to_string(),
-            mtu: ipip_mtu(cfg.host_mtu),
+            mtu: cfg.ipip_mtu.unwrap_or_else(|| ipip_mtu(cfg.host_mtu)),
             tunnel_addr: local.and_then(|n| n.ipip_tunnel_addr),
         });
     }

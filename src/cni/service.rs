@@ -86,10 +86,12 @@ pub struct CniService {
 
 impl CniService {
     /// After the datastore and IPAM synced: serves the socket and reports ready for ADDs.
+    /// `mtu` is the live pod MTU; the conflist carries `--cni-mtu` (0: the daemon decides
+    /// per ADD, so a FelixConfiguration change reaches the next pod).
     pub async fn start(
         args: &CniNodeArgs,
         node: &str,
-        mtu: u32,
+        mtu: watch::Receiver<u32>,
         client: Client,
         ipam: Arc<Ipam>,
         stop: watch::Receiver<bool>,
@@ -105,7 +107,7 @@ impl CniService {
         daemon.set_ready(true);
         Ok(CniService {
             daemon,
-            settings: args.install_settings(mtu),
+            settings: args.install_settings(args.cni_mtu),
             task,
         })
     }

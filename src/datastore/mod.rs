@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch as status_channel;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::api::IPPool;
+use crate::api::{FelixConfiguration, IPPool};
 use crate::config::KubeSource;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,7 @@ pub async fn connect(source: &KubeSource) -> Result<Connection, DatastoreError> 
 pub struct ClusterView {
     pub nodes: Store<Node>,
     pub ip_pools: Store<IPPool>,
+    pub felix_configs: Store<FelixConfiguration>,
 }
 
 /// Running watches: the view they fill, their sync status, and the tasks to stop.
@@ -93,9 +94,18 @@ impl Datastore {
         };
         let nodes = watch.spawn("nodes", Api::all(client.clone()), trim_node);
         let ip_pools = watch.spawn("ippools", Api::all(client.clone()), trim_common::<IPPool>);
+        let felix_configs = watch.spawn(
+            "felixconfigurations",
+            Api::all(client.clone()),
+            trim_common::<FelixConfiguration>,
+        );
         reporter.seal();
         Datastore {
-            view: ClusterView { nodes, ip_pools },
+            view: ClusterView {
+                nodes,
+                ip_pools,
+                felix_configs,
+            },
             status,
             tasks,
         }

@@ -56,6 +56,7 @@ pub fn block_from_spec(spec: &IPAMBlockSpec) -> Result<Block, IpamError> {
         .map(|a| Attribute {
             handle_id: a.handle_id.clone(),
             secondary: a.secondary.clone().unwrap_or_default(),
+            alternate: a.alternate.clone().unwrap_or_default(),
             released_at: a.released_at.as_ref().and_then(time_to_chrono),
         })
         .collect();
@@ -95,7 +96,7 @@ pub fn block_to_spec(b: &Block) -> IPAMBlockSpec {
                 handle_id: a.handle_id.clone(),
                 secondary: (!a.secondary.is_empty() || a.handle_id.is_some())
                     .then(|| a.secondary.clone()),
-                alternate: None,
+                alternate: (!a.alternate.is_empty()).then(|| a.alternate.clone()),
                 released_at: a.released_at.and_then(chrono_to_time),
             })
             .collect(),
@@ -114,7 +115,7 @@ pub fn block_to_spec(b: &Block) -> IPAMBlockSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipam::block::{DEFAULT_COOLDOWN, Owner, host_affinity};
+    use crate::ipam::block::{Owner, host_affinity};
     use crate::ipam::reservations::Reservations;
 
     #[test]
@@ -131,18 +132,19 @@ mod tests {
             handle_id: "k8s-pod-network.c1".into(),
             attrs: [("pod".into(), "p".into())].into(),
         };
-        b.auto_assign(3, &owner, &Reservations::EMPTY, t0, DEFAULT_COOLDOWN);
-        b.release_by_handle("k8s-pod-network.c1", t0, DEFAULT_COOLDOWN);
-        b.auto_assign(1, &owner, &Reservations::EMPTY, t0, DEFAULT_COOLDOWN);
+        let cool = chrono::TimeDelta::seconds(30);
+        b.auto_assign(3, &owner, &Reservations::EMPTY, t0, cool);
+        b.release_by_handle("k8s-pod-network.c1", t0, cool);
+        b.auto_assign(1, &owner, &Reservations::EMPTY, t0, cool);
+        b.attributes[1].alternate = [("pod".into(), "q".into())].into();
         let spec = block_to_spec(&b);
         let json = serde_json::to_value(&spec).unwrap();
-        assert!(
-            json["attributes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a.get("releasedAt").is_some())
+        // Calico's cooldown entry: an attribute with only `releasedAt`, a metav1.Time.
+        assert_eq!(
+            json["attributes"][0],
+            serde_json::json!({"releasedAt": "2027-01-15T08:00:00Z"})
         );
+        assert_eq!(json["attributes"][1]["alternateOwnerAttrs"]["pod"], "q");
         let back = block_from_spec(&serde_json::from_value(json).unwrap()).unwrap();
         assert_eq!(back, b);
     }

@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use ipnet::IpNet;
 
 use super::IpamError;
-use super::block::{Block, DEFAULT_COOLDOWN};
+use super::block::{Block, DEFAULT_COOLDOWN, cooled};
 use super::cidr::{BlockWalk, fnv1_32, num_addresses};
 use super::pools::Pool;
 use super::reservations::Reservations;
@@ -16,7 +16,9 @@ use super::reservations::Reservations;
 /// Calico's minimum age before an empty block affine to another node may be taken over.
 pub const EMPTY_BLOCK_MIN_RECLAIM_AGE: TimeDelta = TimeDelta::minutes(1);
 
-/// A block as the search sees it, computed once per cache update.
+/// A block as the search sees it, computed once per cache update. Whether an address is
+/// free depends on the time (a cooling address becomes assignable once its cooldown has
+/// passed, and the writer collects it as it reads the block), so the search asks `free_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockInfo {
     pub cidr: IpNet,
@@ -25,13 +27,16 @@ pub struct BlockInfo {
     /// True when the block has an affinity of any kind.
     pub affine: bool,
     pub claim_time: Option<DateTime<Utc>>,
+    /// Assignable now, not counting expired holds.
     pub free: usize,
+    /// Held by a handle.
     pub in_use: usize,
+    /// Released, not collected yet.
     pub cooling: usize,
-    /// Latest `releasedAt` among cooling addresses.
-    pub last_release: Option<DateTime<Utc>>,
-    /// Nothing held and nothing cooling down.
-    pub empty: bool,
+    /// Allocated to nobody (`{}` attribute): not free, and keeps the block from being idle.
+    pub ownerless: usize,
+    /// `releasedAt` of each cooling address that is not reserved, sorted.
+    pub cooling_releases: Vec<DateTime<Utc>>,
     pub sequence_number: u64,
 }
 
@@ -45,10 +50,30 @@ impl BlockInfo {
             free: b.free_count(reservations),
             in_use: b.in_use_count(),
             cooling: b.cooling_count(),
-            last_release: b.last_release(),
-            empty: b.is_empty(),
+            ownerless: b.ownerless_count(),
+            cooling_releases: b.cooling_releases(reservations),
             sequence_number: b.sequence_number,
         }
+    }
+
+    /// Addresses an allocation reading the block at `now` could hand out: the free ones and
+    /// the holds whose cooldown has passed (the read collects them, full block or not).
+    pub fn free_at(&self, now: DateTime<Utc>, cooldown: TimeDelta) -> usize {
+        self.free + self.expired_at(now, cooldown)
+    }
+
+    /// Cooling addresses whose cooldown has passed at `now`.
+    pub fn expired_at(&self, now: DateTime<Utc>, cooldown: TimeDelta) -> usize {
+        self.cooling_releases
+            .partition_point(|t| cooled(*t, now, cooldown))
+    }
+
+    /// Nothing held or ownerless, and every release cooled down.
+    pub fn idle_at(&self, now: DateTime<Utc>, cooldown: TimeDelta) -> bool {
+        self.in_use == 0
+            && self.ownerless == 0
+            && self.cooling == self.cooling_releases.len()
+            && self.expired_at(now, cooldown) == self.cooling
     }
 }
 
@@ -129,12 +154,16 @@ impl Search<'_> {
         !self.skip.contains(&b.cidr)
     }
 
+    fn has_room(&self, b: &BlockInfo) -> bool {
+        b.free_at(self.now, self.limits.cooldown) > 0 && self.usable(b)
+    }
+
     /// The next place to allocate from, in Calico's order: own blocks with room, a new
     /// claim, an old empty block of another node, then a borrow (unless strict affinity).
     pub fn next_step(&self) -> Result<Step, IpamError> {
         if let Some((_, b)) = self
             .in_pools()
-            .find(|(_, b)| b.host.as_deref() == Some(self.node) && b.free > 0 && self.usable(b))
+            .find(|(_, b)| b.host.as_deref() == Some(self.node) && self.has_room(b))
         {
             return Ok(Step::Affine(b.cidr));
         }
@@ -160,7 +189,7 @@ impl Search<'_> {
             if let Some(cidr) = self.borrowable() {
                 return Ok(Step::Borrow(cidr));
             }
-        } else if self.in_pools().any(|(_, b)| b.free > 0 && self.usable(b)) {
+        } else if self.in_pools().any(|(_, b)| self.has_room(b)) {
             return Err(IpamError::StrictAffinity {
                 node: self.node.to_string(),
                 pools: self.pool_names(),
@@ -209,12 +238,7 @@ impl Search<'_> {
                 .is_none_or(|t| self.now.signed_duration_since(t) >= self.limits.reclaim_min_age)
         };
         // Cooling addresses whose cooldown has passed no longer keep a block in use.
-        let idle = |b: &BlockInfo| {
-            b.in_use == 0
-                && (b.cooling == 0
-                    || b.last_release
-                        .is_some_and(|t| t + self.limits.cooldown <= self.now))
-        };
+        let idle = |b: &BlockInfo| b.idle_at(self.now, self.limits.cooldown);
         self.in_pools()
             .map(|(_, b)| b)
             .filter(|b| idle(b) && b.host.as_deref() != Some(self.node) && self.usable(b))
@@ -235,7 +259,7 @@ impl Search<'_> {
         let candidates: Vec<IpNet> = self
             .in_pools()
             .map(|(_, b)| b)
-            .filter(|b| b.host.as_deref() != Some(self.node) && b.free > 0 && self.usable(b))
+            .filter(|b| b.host.as_deref() != Some(self.node) && self.has_room(b))
             .map(|b| b.cidr)
             .collect();
         if candidates.is_empty() {
@@ -263,7 +287,11 @@ impl Search<'_> {
                     cidr: p.cidr,
                     total: num_addresses(&p.cidr),
                     in_use: blocks.iter().map(|b| b.in_use as u128).sum(),
-                    cooling: blocks.iter().map(|b| b.cooling as u128).sum(),
+                    cooling: blocks
+                        .iter()
+                        .map(|b| (b.cooling - b.expired_at(self.now, self.limits.cooldown)) as u128)
+                        .sum(),
+                    ownerless: blocks.iter().map(|b| b.ownerless as u128).sum(),
                     reserved: self.reservations.reserved_in(&p.cidr),
                 }
             })
@@ -278,7 +306,10 @@ pub struct PoolUsage {
     pub cidr: IpNet,
     pub total: u128,
     pub in_use: u128,
+    /// Released and still inside the cooldown.
     pub cooling: u128,
+    /// Allocated to no handle (see `tortie ipam check`; the leader's GC frees them).
+    pub ownerless: u128,
     pub reserved: u128,
 }
 
@@ -291,6 +322,9 @@ impl std::fmt::Display for PoolUsage {
         )?;
         if self.cooling > 0 {
             write!(f, ", {} released and cooling down", self.cooling)?;
+        }
+        if self.ownerless > 0 {
+            write!(f, ", {} allocated with no owner", self.ownerless)?;
         }
         if self.reserved > 0 {
             write!(f, ", {} reserved", self.reserved)?;
@@ -435,6 +469,35 @@ mod tests {
         );
     }
 
+    const COOL: TimeDelta = TimeDelta::seconds(30);
+
+    fn cool_limits() -> Limits {
+        Limits {
+            cooldown: COOL,
+            ..Limits::default()
+        }
+    }
+
+    /// A block of `cidr` affine to `node`: every address allocated, then `released` of them
+    /// released at t(`at`) with a 30 s cooldown.
+    fn full_with_releases(cidr: &str, node: &str, released: usize, at: i64) -> Block {
+        let mut b = Block::new(net(cidr), Some(host_affinity(node)), Some(t(0)), 1).unwrap();
+        let n = b.allocations.len();
+        for i in 0..n {
+            let owner = Owner {
+                handle_id: if i < released {
+                    "gone".into()
+                } else {
+                    format!("h{i}")
+                },
+                attrs: BTreeMap::new(),
+            };
+            b.auto_assign(1, &owner, &Reservations::EMPTY, t(0), COOL);
+        }
+        b.release_by_handle("gone", t(at), COOL);
+        b
+    }
+
     #[test]
     fn block_whose_releases_have_cooled_down_counts_as_empty_for_reclaim() {
         let p = pool("p", "10.0.0.0/25", 26);
@@ -449,25 +512,84 @@ mod tests {
             handle_id: "h".into(),
             attrs: BTreeMap::new(),
         };
-        other.auto_assign(1, &owner, &Reservations::EMPTY, t(0), DEFAULT_COOLDOWN);
-        other.release_by_handle("h", t(980), DEFAULT_COOLDOWN);
+        other.auto_assign(1, &owner, &Reservations::EMPTY, t(0), COOL);
+        other.release_by_handle("h", t(980), COOL);
         let blocks = cache(vec![
             block("10.0.0.0/26", Some("n1"), 64, 0),
             BlockInfo::of(&other, &Reservations::EMPTY),
         ]);
-        let s = search("n1", vec![&p], &blocks, Limits::default());
+        let s = search("n1", vec![&p], &blocks, cool_limits());
         assert!(
             matches!(s.next_step().unwrap(), Step::Borrow(_)),
             "released 20 s ago: still cooling"
         );
         let s = Search {
             now: t(1011),
-            ..search("n1", vec![&p], &blocks, Limits::default())
+            ..search("n1", vec![&p], &blocks, cool_limits())
         };
         assert!(
             matches!(s.next_step().unwrap(), Step::Reclaim { .. }),
             "cooldown over"
         );
+    }
+
+    #[test]
+    fn a_full_block_whose_only_free_addresses_are_expired_holds_is_used() {
+        // The pool's only block is full: 5 held, 3 released at t(900). Until the cooldown
+        // has passed the pool is exhausted; after it, the node's own block serves.
+        let p = pool("small", "10.251.0.0/29", 29);
+        let b = full_with_releases("10.251.0.0/29", "n1", 3, 900);
+        assert_eq!(b.free_count(&Reservations::EMPTY), 0);
+        let blocks = cache(vec![BlockInfo::of(&b, &Reservations::EMPTY)]);
+        let early = Search {
+            now: t(920),
+            ..search("n1", vec![&p], &blocks, cool_limits())
+        };
+        assert_eq!(
+            early.next_step().unwrap_err().to_string(),
+            "pool \"small\" (10.251.0.0/29) has no free address: 5 of 8 in use, 3 released and cooling down"
+        );
+        let later = Search {
+            now: t(931),
+            ..search("n1", vec![&p], &blocks, cool_limits())
+        };
+        assert_eq!(
+            later.next_step().unwrap(),
+            Step::Affine(net("10.251.0.0/29"))
+        );
+        // Another node borrows from it the same way.
+        let other = Search {
+            now: t(931),
+            ..search("n2", vec![&p], &blocks, cool_limits())
+        };
+        assert_eq!(
+            other.next_step().unwrap(),
+            Step::Borrow(net("10.251.0.0/29"))
+        );
+    }
+
+    #[test]
+    fn ownerless_addresses_keep_a_block_from_being_reclaimed() {
+        let p = pool("p", "10.0.0.0/25", 26);
+        let mut other = Block::new(
+            net("10.0.0.64/26"),
+            Some(host_affinity("n2")),
+            Some(t(0)),
+            1,
+        )
+        .unwrap();
+        let owner = Owner {
+            handle_id: "h".into(),
+            attrs: BTreeMap::new(),
+        };
+        other.auto_assign(1, &owner, &Reservations::EMPTY, t(0), COOL);
+        other.attributes[0] = crate::ipam::block::Attribute::default();
+        let info = BlockInfo::of(&other, &Reservations::EMPTY);
+        assert_eq!((info.in_use, info.ownerless), (0, 1));
+        assert!(!info.idle_at(t(5000), COOL));
+        let blocks = cache(vec![block("10.0.0.0/26", Some("n1"), 64, 0), info]);
+        let s = search("n1", vec![&p], &blocks, cool_limits());
+        assert!(matches!(s.next_step().unwrap(), Step::Borrow(_)));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ipam::Ipam;
+use crate::ipam::gc::cooldown;
 use crate::ipam::gc::local::{self, LocalConfig};
 use crate::ipam::gc::{self, Cluster, GcConfig, GcStatus};
 use crate::metrics::{Metrics, MetricsError};
@@ -38,12 +39,26 @@ impl IpamJobs {
             status.clone(),
             is_leader.clone(),
         )?;
+        let (client_for_defaults, is_leader_for_defaults) = (client.clone(), is_leader.clone());
         let (pods, pods_watch) = gc::watch_pods(client.clone());
         let cluster = Cluster {
             client,
             pods,
             nodes,
         };
+        // Expired cooldown holds: this node's blocks always, every block while leading.
+        let own_cold = tokio::spawn(cooldown::run(
+            ipam.clone(),
+            cooldown::Scope::Node(ipam.node().to_string()),
+            None,
+            stopped.clone(),
+        ));
+        let all_cold = tokio::spawn(cooldown::run(
+            ipam.clone(),
+            cooldown::Scope::All,
+            Some(is_leader.clone()),
+            stopped.clone(),
+        ));
         let leader_gc = tokio::spawn(gc::run(
             ipam.clone(),
             cluster,
@@ -56,9 +71,18 @@ impl IpamJobs {
             grace,
             ..LocalConfig::default()
         };
-        let own_blocks = tokio::spawn(local::run(ipam, hygiene, stopped));
+        let own_blocks = tokio::spawn(local::run(ipam, hygiene, stopped.clone()));
+        // The `default` objects Calico's tools expect (ClusterInformation, IPAMConfig, ...).
+        let defaults = tokio::spawn(crate::calico_defaults::run(
+            client_for_defaults,
+            is_leader_for_defaults,
+            grace.as_secs(),
+            stopped,
+        ));
         Ok(IpamJobs {
-            tasks: vec![pods_watch, leader_gc, own_blocks],
+            tasks: vec![
+                pods_watch, leader_gc, own_blocks, own_cold, all_cold, defaults,
+            ],
         })
     }
 

@@ -5,6 +5,7 @@
 mod dataplane;
 pub mod identity;
 mod ipam_jobs;
+mod listen;
 mod overlay;
 mod overlay_metrics;
 mod signals;
@@ -98,21 +99,30 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let mut servers = JoinSet::new();
     let health = http::bind("health", cfg.health_listen).await?;
     let metrics_listener = http::bind("metrics", cfg.metrics_listen).await?;
-    servers.spawn(serve(
+    // Start-up feeds these from FelixConfiguration (flags, when set, win).
+    let (health_addr, health_addrs) = stop_channel::channel(cfg.health_listen);
+    let (metrics_addr, metrics_addrs) = stop_channel::channel(cfg.metrics_listen);
+    servers.spawn(listen::serve_following(
         "health",
         health,
+        health_addrs,
         http::health_router(readiness),
         stopped.clone(),
     ));
-    servers.spawn(serve(
+    servers.spawn(listen::serve_following(
         "metrics",
         metrics_listener,
+        metrics_addrs,
         http::metrics_router(metrics.clone()),
         stopped.clone(),
     ));
+    let listeners = startup::Listeners {
+        health: health_addr,
+        metrics: metrics_addr,
+    };
 
     let started = tokio::select! {
-        started = startup::start(&cfg, &metrics, &ready, stopped) => started.map(Some),
+        started = startup::start(&cfg, &metrics, &ready, stopped, listeners) => started.map(Some),
         signal = signals.recv() => {
             tracing::info!(signal, "shutting down during start-up");
             Ok(None)
@@ -165,18 +175,4 @@ fn server_error(exited: Result<Result<(), NodeError>, tokio::task::JoinError>) -
         Ok(Err(e)) => e,
         _ => NodeError::ServerExited { server: "HTTP" },
     }
-}
-
-/// One HTTP server until `stopped` turns true; an early end is an error for the main loop.
-async fn serve(
-    server: &'static str,
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    mut stopped: stop_channel::Receiver<bool>,
-) -> Result<(), NodeError> {
-    let shutdown = async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    http::serve(server, listener, router, shutdown).await?;
-    Ok(())
 }

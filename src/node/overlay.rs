@@ -40,6 +40,8 @@ pub struct Overlay {
     /// tunl0 is no longer asked for, so the missing module is reported once, not per pass.
     pub ipip_missing: Arc<AtomicBool>,
     pub recheck: Arc<Notify>,
+    /// Live overlay settings (FelixConfiguration); each change recalculates.
+    pub config_updates: Option<watch::Receiver<OverlayConfig>>,
     last: Option<(CalcView, bool)>,
 }
 
@@ -65,6 +67,7 @@ impl Overlay {
             metrics,
             ipip_missing: Arc::new(AtomicBool::new(false)),
             recheck: Arc::new(Notify::new()),
+            config_updates: None,
             last: None,
         }
     }
@@ -116,19 +119,22 @@ impl Overlay {
         })
     }
 
-    /// The snapshot the last calculation used.
-    pub fn last_view(&self) -> Option<&CalcView> {
-        self.last.as_ref().map(|(v, _)| v)
-    }
-
     /// Recalculates from the snapshot; None when nothing the calculation reads changed.
     pub async fn recalculate(&mut self) -> Option<Wanted> {
         let view = self.snapshot().await;
         let ipip_missing = self.ipip_missing.load(Ordering::Relaxed);
-        if self
-            .last
-            .as_ref()
-            .is_some_and(|(v, m)| *v == view && *m == ipip_missing)
+        let config_changed = match self.config_updates.as_mut() {
+            Some(rx) if rx.has_changed().unwrap_or(false) => {
+                self.config = rx.borrow_and_update().clone();
+                true
+            }
+            _ => false,
+        };
+        if !config_changed
+            && self
+                .last
+                .as_ref()
+                .is_some_and(|(v, m)| *v == view && *m == ipip_missing)
         {
             return None;
         }

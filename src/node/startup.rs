@@ -15,14 +15,12 @@ use super::overlay::Overlay;
 use super::overlay_metrics::OverlayMetrics;
 use super::tunnel::Publisher;
 use super::{NodeError, identity};
-use crate::calc::mtu::pod_mtu;
-use crate::calc::offload::vxlan_tx_checksum_offload;
-use crate::calc::{ClusterView as CalcView, OverlayConfig};
 use crate::cni::service::{self, CniService};
 use crate::config::NodeConfig;
 use crate::dataplane::{Kernel, mtu};
 use crate::datastore::lease::{Election, LeaderElector, LeaseConfig};
 use crate::datastore::{self, Datastore, DatastoreStatus};
+use crate::felix_config::{follow, live};
 use crate::http::{Condition, Readiness};
 use crate::ipam::Ipam;
 use crate::metrics::Metrics;
@@ -54,6 +52,8 @@ pub struct Running {
     pub cni: CniService,
     pub drivers: Drivers,
     pub ipam_jobs: IpamJobs,
+    /// FelixConfiguration follower and the live values derived from it.
+    pub settings: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -62,10 +62,20 @@ impl Running {
     pub async fn stop(self) {
         self.drivers.stop();
         self.ipam_jobs.stop();
+        self.settings
+            .iter()
+            .for_each(tokio::task::JoinHandle::abort);
         self.cni.task.abort();
         self.datastore.stop().await;
         self.election.stopped().await;
     }
+}
+
+/// Where the health and metrics servers should listen; start-up keeps them at the merged
+/// FelixConfiguration value.
+pub struct Listeners {
+    pub health: watch::Sender<std::net::SocketAddr>,
+    pub metrics: watch::Sender<std::net::SocketAddr>,
 }
 
 pub async fn start(
@@ -73,6 +83,7 @@ pub async fn start(
     metrics: &Metrics,
     ready: &Conditions,
     stopped: watch::Receiver<bool>,
+    listeners: Listeners,
 ) -> Result<Running, NodeError> {
     let node = cfg.node_name.as_str();
     service::install_binaries(&cfg.cni)?;
@@ -113,16 +124,34 @@ pub async fn start(
         stopped.clone(),
     )?;
 
+    // FelixConfiguration merged with the explicit flags (Felix's precedence), live from here;
+    // the datastore synced, so start-up already uses the cluster's settings.
+    let (effective, follow_task) = follow::spawn(follow::Inputs {
+        node: node.to_string(),
+        local: cfg.felix_local.clone(),
+        configs: datastore.view.felix_configs.clone(),
+        nodes: datastore.view.nodes.clone(),
+        client: client.clone(),
+        is_leader: election.is_leader.clone(),
+    });
+    let log_task = tokio::spawn(follow_log_filter(effective.clone()));
+    let listen_task = tokio::spawn(follow_listeners(effective.clone(), listeners));
+
     let kernel = Kernel::host()?;
     let host_mtu = mtu::host_mtu(&kernel.handle).await?;
+    let (host_mtu_tx, host_mtu_rx) = watch::channel(host_mtu);
+    let host_mtu_task = tokio::spawn(follow_host_mtu(Kernel::host()?, host_mtu_tx));
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    let config = OverlayConfig {
-        host_mtu,
-        vxlan_tx_checksum_offload: vxlan_tx_checksum_offload(cfg.checksum_offload_broken, &release),
-        ..OverlayConfig::default()
-    };
+    let (derived, live_task) = live::spawn(live::Inputs {
+        effective: effective.clone(),
+        host_mtu: host_mtu_rx.clone(),
+        pools: datastore.view.ip_pools.clone(),
+        cni_mtu: cfg.cni.cni_mtu,
+        kernel_release: release,
+    });
+    let config = derived.overlay.borrow().clone();
     let overlay_metrics = OverlayMetrics::register(metrics)?;
     let mut overlay = Overlay::new(
         datastore.view.clone(),
@@ -132,16 +161,19 @@ pub async fn start(
         config,
         overlay_metrics.clone(),
     );
+    overlay.config_updates = Some(derived.overlay.clone());
     // The first pass allocates and publishes the tunnel addresses before any pod exists.
     let first = overlay
         .recalculate()
         .await
         .ok_or(NodeError::NoFirstCalculation)?;
-    let view = overlay.last_view().cloned().unwrap_or_default();
-    let pod_mtu = chosen_pod_mtu(cfg.cni.cni_mtu, host_mtu, &view);
-    overlay_metrics.host_mtu.set(i64::from(host_mtu));
-    overlay_metrics.pod_mtu.set(i64::from(pod_mtu));
-    tracing::info!(host_mtu, pod_mtu, "MTU chosen");
+    let pod_mtu = derived.pod_mtu.clone();
+    let mtu_metrics_task = tokio::spawn(mirror_mtus(
+        host_mtu_rx,
+        pod_mtu.clone(),
+        overlay_metrics.clone(),
+    ));
+    let resync_interval = effective.borrow().route_refresh;
 
     let cni = CniService::start(&cfg.cni, node, pod_mtu, client, ipam, stopped.clone()).await?;
     ready
@@ -154,7 +186,7 @@ pub async fn start(
         kernel,
         dataplane_rx,
         nat_rx,
-        cfg.resync_interval,
+        resync_interval,
         overlay_metrics,
         overlay.ipip_missing.clone(),
         overlay.recheck.clone(),
@@ -176,15 +208,98 @@ pub async fn start(
         cni,
         drivers,
         ipam_jobs,
+        settings: vec![
+            follow_task,
+            log_task,
+            listen_task,
+            host_mtu_task,
+            live_task,
+            mtu_metrics_task,
+        ],
     })
 }
 
-/// Configured, or the host MTU less the overhead of the encapsulations the pools use.
-fn chosen_pod_mtu(configured: u32, host_mtu: u32, view: &CalcView) -> u32 {
-    if configured != 0 {
-        return configured;
+/// How often the host MTU is measured again (a NIC's MTU can change under a running node).
+const HOST_MTU_RECHECK: Duration = Duration::from_secs(10);
+
+/// Keeps `tx` at the detected host MTU, so new pods follow a host MTU change.
+async fn follow_host_mtu(kernel: Kernel, tx: watch::Sender<u32>) {
+    loop {
+        tokio::time::sleep(HOST_MTU_RECHECK).await;
+        match mtu::host_mtu(&kernel.handle).await {
+            Ok(m) => {
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != m;
+                    if changed {
+                        tracing::info!(old = *cur, new = m, "host MTU changed");
+                        *cur = m;
+                    }
+                    changed
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot measure the host MTU; keeping the last"),
+        }
+        if tx.is_closed() {
+            return;
+        }
     }
-    pod_mtu(host_mtu, view.vxlan_enabled(), view.ipip_enabled())
+}
+
+/// `logSeverityScreen` applied live (unless the log filter was given explicitly).
+async fn follow_log_filter(mut effective: watch::Receiver<crate::felix_config::Effective>) {
+    let mut current: Option<String> = None;
+    loop {
+        let want = effective.borrow_and_update().log_filter.clone();
+        if want != current {
+            let filter = want
+                .clone()
+                .unwrap_or_else(|| crate::telemetry::DEFAULT_FILTER.to_string());
+            match crate::telemetry::set_filter(&filter) {
+                Ok(()) => tracing::info!(%filter, "log filter set"),
+                Err(e) => tracing::warn!(error = %e, "cannot change the log filter"),
+            }
+            current = want;
+        }
+        if effective.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The HTTP servers' addresses follow the merged settings.
+async fn follow_listeners(
+    mut effective: watch::Receiver<crate::felix_config::Effective>,
+    to: Listeners,
+) {
+    loop {
+        let (health, metrics) = {
+            let e = effective.borrow_and_update();
+            (e.health, e.metrics)
+        };
+        to.health
+            .send_if_modified(|a| std::mem::replace(a, health) != health);
+        to.metrics
+            .send_if_modified(|a| std::mem::replace(a, metrics) != metrics);
+        if effective.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `tortie_host_mtu_bytes` and `tortie_pod_mtu_bytes` follow the live values.
+async fn mirror_mtus(
+    mut host: watch::Receiver<u32>,
+    mut pod: watch::Receiver<u32>,
+    metrics: OverlayMetrics,
+) {
+    loop {
+        metrics.host_mtu.set(i64::from(*host.borrow_and_update()));
+        metrics.pod_mtu.set(i64::from(*pod.borrow_and_update()));
+        tokio::select! {
+            r = host.changed() => if r.is_err() { return },
+            r = pod.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 async fn wait_synced(datastore: &Datastore) -> Result<(), NodeError> {
@@ -273,41 +388,5 @@ async fn wait_first(mut outcome: FirstOutcome, ready: &Condition, what: &str) {
             // The driver ended (only at shutdown): the caller's select ends start-up.
             std::future::pending::<()>().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::calc::{EncapMode, PoolInfo};
-
-    fn view(vxlan: EncapMode, ipip: EncapMode) -> CalcView {
-        CalcView {
-            pools: vec![PoolInfo {
-                cidr: "10.244.0.0/16".parse().expect("cidr"),
-                vxlan_mode: vxlan,
-                ipip_mode: ipip,
-                nat_outgoing: true,
-            }],
-            ..CalcView::default()
-        }
-    }
-
-    #[test]
-    fn pod_mtu_is_configured_or_host_minus_the_encapsulation() {
-        let never = EncapMode::Never;
-        assert_eq!(
-            chosen_pod_mtu(0, 1500, &view(EncapMode::Always, never)),
-            1450
-        );
-        assert_eq!(
-            chosen_pod_mtu(0, 1500, &view(never, EncapMode::CrossSubnet)),
-            1480
-        );
-        assert_eq!(chosen_pod_mtu(0, 1500, &view(never, never)), 1500);
-        assert_eq!(
-            chosen_pod_mtu(1400, 1500, &view(EncapMode::Always, never)),
-            1400
-        );
     }
 }

@@ -50,6 +50,7 @@ pub fn node_ns() -> anyhow::Result<NetNs> {
 /// Everything a node runs for CNI, in this process, with the host side in `node`.
 pub struct Harness {
     pub daemon: Arc<CniDaemon>,
+    pub ipam: Arc<Ipam>,
     pub settings: InstallSettings,
     pub node: NetNs,
     stop: watch::Sender<bool>,
@@ -101,6 +102,16 @@ pub use super::pools::create_pool;
 /// Node `NODE` with one IP pool `pool` cut into /`block` blocks, its daemon ready and serving,
 /// the plugin and conflist installed.
 pub async fn harness(pool: &str, block: i32) -> anyhow::Result<Harness> {
+    harness_with(pool, block, None).await
+}
+
+/// As `harness`; with `live_mtu`, the conflist names no MTU and the daemon gives each new
+/// pod the channel's current value (as `tortie node` does with `--cni-mtu 0`).
+pub async fn harness_with(
+    pool: &str,
+    block: i32,
+    live_mtu: Option<watch::Receiver<u32>>,
+) -> anyhow::Result<Harness> {
     let cp = ControlPlane::start().await?;
     let client = cp.client();
     cp.create_node(NODE, &[]).await?;
@@ -108,15 +119,15 @@ pub async fn harness(pool: &str, block: i32) -> anyhow::Result<Harness> {
     let ipam = Arc::new(Ipam::start(client.clone(), NODE, Duration::from_secs(30)).await?);
     let node = node_ns()?;
     let plumber = Plumber::open(&node.path()).await?;
-    let daemon = Arc::new(CniDaemon::new(
-        CniSettings {
+    let conflist_mtu = if live_mtu.is_some() { 0 } else { 1400 };
+    let settings = match live_mtu {
+        Some(rx) => CniSettings {
             node: NODE.into(),
-            default_mtu: 1410,
+            default_mtu: rx,
         },
-        client,
-        ipam,
-        plumber,
-    ));
+        None => CniSettings::fixed_mtu(NODE, 1410),
+    };
+    let daemon = Arc::new(CniDaemon::new(settings, client, ipam.clone(), plumber));
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("run/tortie/cni.sock");
     let listener = server::bind(&socket)?;
@@ -127,7 +138,7 @@ pub async fn harness(pool: &str, block: i32) -> anyhow::Result<Harness> {
         bin_dir: dir.path().join("bin"),
         conf_dir: dir.path().join("net.d"),
         socket,
-        mtu: 1400,
+        mtu: conflist_mtu,
         other_configs: OtherConfigs::Leave,
     };
     // Cargo sets this for tests and benches only; examples also compile this module.
@@ -137,6 +148,7 @@ pub async fn harness(pool: &str, block: i32) -> anyhow::Result<Harness> {
     install::write_conflist(&settings)?;
     Ok(Harness {
         daemon,
+        ipam,
         settings,
         node,
         stop,

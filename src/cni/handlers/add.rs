@@ -89,7 +89,9 @@ impl CniDaemon {
             }
             (_, ns) => ns,
         };
-        let mtu = options::mtu(&request.raw_config, self.settings.default_mtu)?;
+        let mtu = options::mtu(&request.raw_config, self.settings.pod_mtu())?;
+        // A live attachment keeps the MTU it was made with; only a fixed one is compared.
+        let fixed_mtu = options::mtu(&request.raw_config, 0)?;
         let opts = options::ipam_options(&request.raw_config)?;
         let serial = self.locks.lock(t.container).await;
         let handle = pod_handle(t.container);
@@ -104,7 +106,7 @@ impl CniDaemon {
             .collect();
         if !existing.is_empty() {
             return self
-                .repeat_add(request, &t, netns.as_ref(), existing, mtu)
+                .repeat_add(request, &t, netns.as_ref(), existing, fixed_mtu)
                 .await;
         }
 
@@ -322,7 +324,9 @@ impl CniDaemon {
                 container: t.container.to_string(),
             });
         };
-        let mtu = options::mtu(&request.raw_config, self.settings.default_mtu)?;
+        // The pod MTU is live (FelixConfiguration); only one the network config fixes is
+        // compared, since a pod keeps the MTU it was created with.
+        let mtu = options::mtu(&request.raw_config, 0)?;
         let net = PodNetwork {
             host_ifname: host_veth_name(t.namespace, t.pod),
             pod_ifname: t.ifname.to_string(),
@@ -351,16 +355,17 @@ fn list(addrs: &[IpNet]) -> String {
 fn result(request: &Request, net: &PodNetwork, attached: Option<&Attached>) -> CniResult {
     let mut out = CniResult::default();
     let pod_index = attached.map(|a| {
+        let mtu = (net.mtu != 0).then_some(net.mtu);
         out.interfaces.push(Interface {
             name: net.host_ifname.clone(),
             mac: Some(a.host_mac.clone()),
-            mtu: Some(net.mtu),
+            mtu,
             ..Default::default()
         });
         out.interfaces.push(Interface {
             name: net.pod_ifname.clone(),
             mac: Some(a.pod_mac.clone()),
-            mtu: Some(net.mtu),
+            mtu,
             sandbox: request.netns.clone(),
             ..Default::default()
         });

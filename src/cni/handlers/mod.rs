@@ -102,11 +102,27 @@ impl HandlerError {
 }
 
 /// Settings of the CNI side of the daemon.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CniSettings {
     pub node: String,
-    /// Pod MTU when the network config gives none (host MTU minus the overlay's overhead).
-    pub default_mtu: u32,
+    /// Pod MTU when the network config gives none, read per ADD: the daemon recomputes it
+    /// from FelixConfiguration, the host MTU and the pools (`felix_config::live`).
+    pub default_mtu: tokio::sync::watch::Receiver<u32>,
+}
+
+impl CniSettings {
+    /// Settings with a pod MTU that never changes.
+    pub fn fixed_mtu(node: impl Into<String>, mtu: u32) -> CniSettings {
+        CniSettings {
+            node: node.into(),
+            default_mtu: tokio::sync::watch::channel(mtu).1,
+        }
+    }
+
+    /// The MTU a pod created now gets when its network config sets none.
+    pub fn pod_mtu(&self) -> u32 {
+        *self.default_mtu.borrow()
+    }
 }
 
 pub struct CniDaemon {

@@ -68,7 +68,8 @@ impl Plumber {
             )));
         }
         let mtu = links::mtu_of(&link);
-        if mtu != Some(net.mtu) {
+        // 0: no MTU expected (the daemon's pod MTU is live; a pod keeps the one it got).
+        if net.mtu != 0 && mtu != Some(net.mtu) {
             return Err(mismatch(format!(
                 "pod interface {} has MTU {}, expected {}",
                 net.pod_ifname,

@@ -10,7 +10,19 @@ use serde::Serialize;
 
 use super::snapshot::{ATTR_NAMESPACE, ATTR_NODE, ATTR_POD, ATTR_POD_UID, Snapshot};
 use crate::api::AffinityState;
-use crate::ipam::cidr::addr_at;
+use crate::ipam::block::Slot;
+use crate::ipam::cidr::{addr_at, ordinal_of};
+
+/// Handle of the addresses Calico reserves in blocks for Windows nodes: in use by design.
+const WINDOWS_RESERVED_HANDLE: &str = "windows-reserved-ipam-handle";
+/// Handle prefixes of node tunnel addresses, as Calico names them.
+const TUNNEL_HANDLE_PREFIXES: &[&str] = &[
+    "vxlan-tunnel-addr-",
+    "vxlan-v6-tunnel-addr-",
+    "ipip-tunnel-addr-",
+    "wireguard-tunnel-addr-",
+    "wireguard-v6-tunnel-addr-",
+];
 
 /// A pending affinity younger than this may be a claim in progress, not a leftover.
 pub const PENDING_AFFINITY_GRACE: TimeDelta = TimeDelta::minutes(5);
@@ -57,6 +69,30 @@ pub enum Problem {
         pod: String,
         node: Option<String>,
         reason: String,
+    },
+    /// Allocated, but no pod and no node uses the address (and no pod attributes say whose
+    /// it is), as calicoctl's "allocated in IPAM but not actually in use".
+    AllocationNotInUse {
+        ip: IpAddr,
+        handle: String,
+        reason: String,
+    },
+    /// Allocated to no handle (a `{}` attribute): nothing can release it by handle.
+    AllocationWithoutOwner {
+        ip: IpAddr,
+        block: IpNet,
+        in_use_by: Vec<String>,
+    },
+    /// A pod or node uses the address, but IPAM does not hold it for anyone.
+    InUseNotAllocated {
+        ip: IpAddr,
+        users: Vec<String>,
+        reason: String,
+    },
+    /// A pod or node uses an address outside every enabled pool.
+    InUseOutsidePools {
+        ip: IpAddr,
+        users: Vec<String>,
     },
     AllocationWithoutHandle {
         handle: String,
@@ -123,6 +159,33 @@ impl std::fmt::Display for Problem {
                 "IP {ip} (handle {handle}, node {}) is allocated to pod {namespace}/{pod}, which {reason}",
                 node.as_deref().unwrap_or("unknown")
             ),
+            Problem::AllocationNotInUse { ip, handle, reason } => write!(
+                f,
+                "IP {ip} (handle {handle}) is allocated but not in use: {reason}"
+            ),
+            Problem::AllocationWithoutOwner {
+                ip,
+                block,
+                in_use_by,
+            } => {
+                write!(
+                    f,
+                    "IP {ip} in block {block} is allocated to no handle (nothing can release it by handle; the leader's GC releases it after the grace period"
+                )?;
+                if in_use_by.is_empty() {
+                    write!(f, ")")
+                } else {
+                    write!(f, " once {} no longer uses it)", in_use_by.join(", "))
+                }
+            }
+            Problem::InUseNotAllocated { ip, users, reason } => {
+                write!(f, "IP {ip} is used by {} but {reason}", users.join(", "))
+            }
+            Problem::InUseOutsidePools { ip, users } => write!(
+                f,
+                "IP {ip} is used by {} and is not in any enabled IPPool",
+                users.join(", ")
+            ),
             Problem::AllocationWithoutHandle { handle, ips } => write!(
                 f,
                 "handle {handle} holds {ips:?} in blocks but has no IPAMHandle object"
@@ -152,6 +215,9 @@ pub struct Report {
     pub affinities: usize,
     /// None when pods were not read (allocations were then not checked against pods).
     pub pods: Option<usize>,
+    /// Released addresses still held for their cooldown: not problems (Calico master agrees;
+    /// calicoctl before v3.34 does not know the cooldown and counts them as leaked).
+    pub cooling: usize,
     pub problems: Vec<Problem>,
 }
 
@@ -163,9 +229,10 @@ pub fn check(snap: &Snapshot, now: DateTime<Utc>) -> Report {
             reason: reason.clone(),
         });
     }
-    check_blocks(snap, &mut problems);
+    check_blocks(snap, now, &mut problems);
     check_affinities(snap, now, &mut problems);
-    let allocations = check_allocations(snap, &mut problems);
+    let (allocations, cooling) = check_allocations(snap, &mut problems);
+    check_in_use(snap, &mut problems);
     check_handles(snap, &mut problems);
     Report {
         blocks: snap.blocks.len(),
@@ -173,17 +240,28 @@ pub fn check(snap: &Snapshot, now: DateTime<Utc>) -> Report {
         handles: snap.handles.len(),
         affinities: snap.affinities.len(),
         pods: snap.pods.as_ref().map(BTreeMap::len),
+        cooling,
         problems,
     }
 }
 
-fn check_blocks(snap: &Snapshot, problems: &mut Vec<Problem>) {
+fn check_blocks(snap: &Snapshot, now: DateTime<Utc>, problems: &mut Vec<Problem>) {
     for (i, b) in snap.blocks.iter().enumerate() {
-        if let Err(reason) = &b.parsed {
-            problems.push(Problem::InvalidBlock {
+        match &b.parsed {
+            Err(reason) => problems.push(Problem::InvalidBlock {
                 block: b.cidr.to_string(),
                 reason: reason.clone(),
-            });
+            }),
+            Ok(blk) => {
+                problems.extend(
+                    blk.lint(now)
+                        .into_iter()
+                        .map(|reason| Problem::InvalidBlock {
+                            block: b.cidr.to_string(),
+                            reason,
+                        }),
+                )
+            }
         }
         if snap.pool_of(&b.cidr).is_none() {
             problems.push(Problem::BlockOutsidePools {
@@ -241,50 +319,114 @@ fn check_affinities(snap: &Snapshot, now: DateTime<Utc>, problems: &mut Vec<Prob
     }
 }
 
-/// Handle → block CIDR → addresses, as the blocks record them; also finds allocations that
-/// appear twice and allocations whose pod is gone. Returns the number of allocations.
-fn check_allocations(snap: &Snapshot, problems: &mut Vec<Problem>) -> usize {
+/// Every address a pod (workload endpoint) or node (tunnel address) uses, with its users,
+/// as calicoctl collects them; None when pods were not read.
+fn users(snap: &Snapshot) -> Option<BTreeMap<IpAddr, Vec<String>>> {
+    let workloads = snap.workloads.as_ref()?;
+    let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    for w in workloads {
+        for ip in &w.ips {
+            out.entry(*ip)
+                .or_default()
+                .push(format!("pod {}/{}", w.namespace, w.name));
+        }
+    }
+    for (ip, node) in &snap.node_tunnels {
+        out.entry(*ip).or_default().push(format!("node {node}"));
+    }
+    Some(out)
+}
+
+/// Why an allocation recorded for a pod is not used by it.
+fn pod_reason(snap: &Snapshot, ns: &str, pod: &str, uid: Option<&String>, ip: IpAddr) -> String {
+    let w = snap
+        .workloads
+        .iter()
+        .flatten()
+        .find(|w| w.namespace == ns && w.name == pod);
+    let exists = snap
+        .pods
+        .as_ref()
+        .is_some_and(|p| p.contains_key(&(ns.to_string(), pod.to_string())));
+    match w {
+        _ if !exists => "does not exist".to_string(),
+        Some(w) if uid.is_some_and(|u| *u != w.uid) => format!(
+            "exists with UID {}, not the recorded {} (a new pod of that name)",
+            w.uid,
+            uid.map_or("", String::as_str)
+        ),
+        Some(w) if w.finished => "has finished".to_string(),
+        Some(w) if w.ips.is_empty() => "reports no address (yet)".to_string(),
+        Some(w) => format!(
+            "uses {} instead of {ip}",
+            w.ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => "is not a workload endpoint (host network or not scheduled)".to_string(),
+    }
+}
+
+/// Every held and ownerless address: duplicates, and (with pods read) those no pod or node
+/// uses. Returns (allocations, cooling addresses).
+fn check_allocations(snap: &Snapshot, problems: &mut Vec<Problem>) -> (usize, usize) {
+    let users = users(snap);
     let mut by_ip: BTreeMap<IpAddr, Vec<(IpNet, String)>> = BTreeMap::new();
-    let mut count = 0;
+    let (mut count, mut cooling) = (0, 0);
     for b in &snap.blocks {
         let Ok(blk) = &b.parsed else { continue };
-        for (ord, a) in blk.allocations.iter().enumerate() {
-            let Some(attr) = a.and_then(|i| blk.attributes.get(i)) else {
+        for ord in 0..blk.allocations.len() {
+            let Some(ip) = addr_at(&blk.cidr, ord) else {
                 continue;
             };
-            let (Some(handle), Some(ip)) = (&attr.handle_id, addr_at(&blk.cidr, ord)) else {
-                continue;
+            let attr = match blk.slot(ord) {
+                Slot::Free => continue,
+                Slot::Cooling(_) => {
+                    cooling += 1;
+                    continue;
+                }
+                Slot::Ownerless => {
+                    count += 1;
+                    by_ip.entry(ip).or_default().push((b.cidr, String::new()));
+                    problems.push(Problem::AllocationWithoutOwner {
+                        ip,
+                        block: b.cidr,
+                        in_use_by: users
+                            .as_ref()
+                            .and_then(|u| u.get(&ip).cloned())
+                            .unwrap_or_default(),
+                    });
+                    continue;
+                }
+                Slot::Held(attr) => attr,
             };
             count += 1;
+            let handle = attr.handle_id.clone().unwrap_or_default();
             by_ip.entry(ip).or_default().push((b.cidr, handle.clone()));
-            let Some(pods) = &snap.pods else { continue };
-            // Calico's rule: an allocation without pod attributes (tunnel, other owners) is
-            // not judged by pods.
-            let (Some(ns), Some(pod)) = (
-                attr.secondary.get(ATTR_NAMESPACE),
-                attr.secondary.get(ATTR_POD),
-            ) else {
+            let Some(users) = &users else { continue };
+            if users.contains_key(&ip) || handle.eq_ignore_ascii_case(WINDOWS_RESERVED_HANDLE) {
                 continue;
-            };
-            let reason = match (
-                pods.get(&(ns.clone(), pod.clone())),
-                attr.secondary.get(ATTR_POD_UID),
-            ) {
-                (None, _) => Some("does not exist".to_string()),
-                (Some(uid), Some(want)) if uid != want => Some(format!(
-                    "exists with UID {uid}, not the recorded {want} (a new pod of that name)"
-                )),
-                _ => None,
-            };
-            if let Some(reason) = reason {
-                problems.push(Problem::AllocationWithoutPod {
+            }
+            let a = &attr.secondary;
+            match (a.get(ATTR_NAMESPACE), a.get(ATTR_POD)) {
+                (Some(ns), Some(pod)) => problems.push(Problem::AllocationWithoutPod {
                     ip,
-                    handle: handle.clone(),
+                    handle,
                     namespace: ns.clone(),
                     pod: pod.clone(),
-                    node: attr.secondary.get(ATTR_NODE).cloned(),
-                    reason,
-                });
+                    node: a.get(ATTR_NODE).cloned(),
+                    reason: pod_reason(snap, ns, pod, a.get(ATTR_POD_UID), ip),
+                }),
+                _ => {
+                    let reason = if TUNNEL_HANDLE_PREFIXES.iter().any(|p| handle.starts_with(p)) {
+                        "no node publishes it as its tunnel address".to_string()
+                    } else {
+                        "no pod or node uses it".to_string()
+                    };
+                    problems.push(Problem::AllocationNotInUse { ip, handle, reason });
+                }
             }
         }
     }
@@ -295,7 +437,44 @@ fn check_allocations(snap: &Snapshot, problems: &mut Vec<Problem>) -> usize {
             handles: holders.into_iter().map(|(_, h)| h).collect(),
         });
     }
-    count
+    (count, cooling)
+}
+
+/// Addresses pods and nodes use that IPAM does not hold for anyone (calicoctl: "in use but
+/// not allocated", split by whether an enabled pool contains them).
+fn check_in_use(snap: &Snapshot, problems: &mut Vec<Problem>) {
+    let Some(users) = users(snap) else { return };
+    for (ip, who) in users {
+        let mut slots = snap.blocks.iter().filter_map(|b| {
+            let blk = b.parsed.as_ref().ok()?;
+            Some(blk.slot(ordinal_of(&blk.cidr, ip)?))
+        });
+        let slot = slots.find(|s| *s != Slot::Free);
+        match slot {
+            Some(Slot::Held(_) | Slot::Ownerless) => {}
+            Some(Slot::Cooling(_)) => problems.push(Problem::InUseNotAllocated {
+                ip,
+                users: who,
+                reason: "it was released and is cooling down (it will be handed out again)"
+                    .to_string(),
+            }),
+            _ => {
+                let pooled = snap
+                    .pools
+                    .iter()
+                    .any(|p| !p.disabled && p.cidr.contains(&ip));
+                problems.push(if pooled {
+                    Problem::InUseNotAllocated {
+                        ip,
+                        users: who,
+                        reason: "IPAM has no allocation for it".to_string(),
+                    }
+                } else {
+                    Problem::InUseOutsidePools { ip, users: who }
+                });
+            }
+        }
+    }
 }
 
 fn check_handles(snap: &Snapshot, problems: &mut Vec<Problem>) {
@@ -384,6 +563,12 @@ pub fn render(report: &Report) -> String {
     if let Some(pods) = report.pods {
         s.push_str(&format!("Checked allocations against {pods} pods.\n"));
     }
+    if report.cooling > 0 {
+        s.push_str(&format!(
+            "{} released addresses are cooling down (ipCooldownSeconds); not leaks, though calicoctl before v3.34 counts them as leaked.\n",
+            report.cooling
+        ));
+    }
     for p in &report.problems {
         s.push_str(&format!("problem: {p}\n"));
     }
@@ -397,6 +582,9 @@ pub fn render(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use chrono::DateTime;
+
+    use k8s_openapi::api::core::v1::{Pod, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
     use crate::api::blockaffinity::{BlockAffinity, BlockAffinitySpec};
@@ -474,20 +662,34 @@ mod tests {
         )
     }
 
-    fn pods(names: &[(&str, &str)]) -> Option<BTreeMap<(String, String), String>> {
-        Some(
-            names
-                .iter()
-                .map(|(n, uid)| (("default".to_string(), n.to_string()), uid.to_string()))
-                .collect(),
-        )
+    /// Pods of namespace `default` on n1: (name, uid, address reported).
+    fn pods(list: &[(&str, &str, &str)]) -> Vec<Pod> {
+        list.iter()
+            .map(|(name, uid, ip)| Pod {
+                metadata: ObjectMeta {
+                    name: Some(name.to_string()),
+                    namespace: Some("default".into()),
+                    uid: Some(uid.to_string()),
+                    annotations: Some(BTreeMap::from([(
+                        "cni.projectcalico.org/podIP".to_string(),
+                        format!("{ip}/32"),
+                    )])),
+                    ..Default::default()
+                },
+                spec: Some(PodSpec {
+                    node_name: Some("n1".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect()
     }
 
     #[test]
     fn a_consistent_state_has_no_problem() {
         let (p, b, h, a) = consistent();
         let mut s = Snapshot::from_objects(&p, &b, &h, &a);
-        s.pods = pods(&[("a", "u1"), ("b", "u2")]);
+        s.set_pods(&pods(&[("a", "u1", "10.1.0.0"), ("b", "u2", "10.1.0.1")]));
         let r = check(&s, t(0));
         assert_eq!(r.problems, vec![]);
         assert_eq!((r.blocks, r.allocations, r.handles), (1, 2, 2));
@@ -506,7 +708,12 @@ mod tests {
         b.push(block("10.9.0.0/26", &[])); // outside the pool, no affinity
         b.push(block("10.1.0.0/27", &[owner("h3", "c", "u3")])); // overlaps, dup 10.1.0.0
         let mut s = Snapshot::from_objects(&p, &b, &h, &a);
-        s.pods = pods(&[("a", "u1"), ("c", "other-uid")]);
+        s.set_pods(&pods(&[
+            ("a", "u1", "10.1.0.0"),
+            ("c", "other-uid", "10.1.0.9"),
+            ("x", "u9", "10.1.0.77"),
+            ("y", "u8", "192.0.2.1"),
+        ]));
         let r = check(&s, t(60));
         let kinds: Vec<String> = r
             .problems
@@ -528,6 +735,8 @@ mod tests {
             "allocationWithoutHandle",
             "handleCountMismatch",
             "handleWithoutAllocations",
+            "inUseNotAllocated",
+            "inUseOutsidePools",
         ] {
             assert!(
                 kinds.iter().any(|k| k == want),
@@ -539,12 +748,91 @@ mod tests {
             text.contains("pod default/b, which does not exist"),
             "{text}"
         );
-        assert!(text.contains("not the recorded u3"), "{text}");
         assert!(
             !text.contains("10.1.0.128/26"),
             "a young pending affinity is a claim in progress: {text}"
         );
         let later = check(&s, t(3600));
         assert!(render(&later).contains("10.1.0.128/26"));
+        assert!(
+            text.contains("IP 10.1.0.77 is used by pod default/x but IPAM has no allocation"),
+            "{text}"
+        );
+        assert!(
+            text.contains("IP 192.0.2.1 is used by pod default/y and is not in any enabled IPPool"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ownerless_cooling_and_unused_allocations_are_told_apart() {
+        let (p, _, mut h, a) = consistent();
+        let cool = TimeDelta::seconds(30);
+        let mut blk = Block::new(
+            "10.1.0.0/26".parse().unwrap(),
+            Some(host_affinity("n1")),
+            None,
+            1,
+        )
+        .unwrap();
+        for o in [
+            owner("h1", "a", "u1"),
+            owner("h2", "b", "u2"),
+            owner("h3", "c", "u3"),
+            owner("h4", "d", "u4"),
+        ] {
+            blk.auto_assign(1, &o, &Reservations::EMPTY, t(0), cool);
+        }
+        let tunnel = Owner {
+            handle_id: "vxlan-tunnel-addr-n9".into(),
+            attrs: BTreeMap::from([("node".into(), "n9".into())]),
+        };
+        blk.auto_assign(1, &tunnel, &Reservations::EMPTY, t(0), cool); // 10.1.0.4
+        blk.release_by_handle("h2", t(10), cool); // 10.1.0.1 cooling: not a problem
+        let idx = blk.allocations[2].unwrap();
+        blk.attributes[idx] = crate::ipam::block::Attribute::default(); // 10.1.0.2 -> {}
+        h.retain(|x| x.spec.handle_id == "h1");
+        h.push(handle("vxlan-tunnel-addr-n9", "10.1.0.0/26", 1));
+        h.push(handle("h4", "10.1.0.0/26", 1));
+        let b = vec![IPAMBlock::new(&block_name(&blk.cidr), block_to_spec(&blk))];
+        let mut s = Snapshot::from_objects(&p, &b, &h, &a);
+        s.set_pods(&pods(&[
+            ("a", "u1", "10.1.0.0"),
+            ("c", "u3", "10.1.0.2"),
+            ("d", "u5", "10.1.0.60"),
+        ]));
+        let r = check(&s, t(20));
+        assert_eq!(r.cooling, 1);
+        assert_eq!(
+            r.allocations, 4,
+            "held and ownerless count, cooling does not"
+        );
+        let text = render(&r);
+        assert!(
+            text.contains("1 released addresses are cooling down"),
+            "{text}"
+        );
+        assert!(
+            text.contains("IP 10.1.0.2 in block 10.1.0.0/26 is allocated to no handle"),
+            "{text}"
+        );
+        assert!(
+            text.contains("once pod default/c no longer uses it"),
+            "{text}"
+        );
+        assert!(
+            text.contains("IP 10.1.0.4 (handle vxlan-tunnel-addr-n9) is allocated but not in use: no node publishes it"),
+            "{text}"
+        );
+        assert!(
+            text.contains("exists with UID u5, not the recorded u4"),
+            "{text}"
+        );
+        // And pod d's own address is used without an allocation.
+        assert!(
+            text.contains("IP 10.1.0.60 is used by pod default/d but IPAM has no allocation"),
+            "{text}"
+        );
+        assert_eq!(r.problems.len(), 4, "{text}");
     }
 }

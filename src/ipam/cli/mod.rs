@@ -168,14 +168,15 @@ async fn run_async(args: IpamArgs) -> Result<ExitCode, CliError> {
                 &Api::all(client),
                 block,
                 ip,
-                Some(&handle),
+                Some(handle.as_deref()),
                 Utc::now(),
                 snap.cooldown,
             )
             .await?;
+            let name = |h: &Option<String>| h.clone().unwrap_or_else(|| "none".to_string());
             match outcome {
                 AddrRelease::Released { handle } => {
-                    println!("Released IP {ip} (handle {handle}, block {block})");
+                    println!("Released IP {ip} (handle {}, block {block})", name(&handle));
                     Ok(ExitCode::SUCCESS)
                 }
                 AddrRelease::NotAllocated => {
@@ -184,7 +185,9 @@ async fn run_async(args: IpamArgs) -> Result<ExitCode, CliError> {
                 }
                 AddrRelease::HeldByOther { handle: now } => {
                     eprintln!(
-                        "IP {ip} changed hands meanwhile (was {handle}, now {now}); not released"
+                        "IP {ip} changed hands meanwhile (was {}, now {}); not released",
+                        name(&handle),
+                        name(&now)
                     );
                     Ok(ExitCode::FAILURE)
                 }
@@ -218,7 +221,7 @@ fn show_text(
             s
         }
         Format::Json => {
-            let mut v = serde_json::json!({ "pools": usage });
+            let mut v = serde_json::to_value(&usage)?;
             if !show_blocks {
                 for p in v["pools"].as_array_mut().into_iter().flatten() {
                     if let Some(o) = p.as_object_mut() {

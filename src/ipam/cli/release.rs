@@ -9,10 +9,11 @@ use super::snapshot::{ATTR_NAMESPACE, ATTR_POD, ATTR_POD_UID, ATTR_TYPE, Snapsho
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Release the address from `block`, expected to be held by `handle`.
+    /// Release the address from `block`, expected to be held by `handle` (None: allocated
+    /// to no handle, a `{}` attribute nobody can own).
     Release {
         block: IpNet,
-        handle: String,
+        handle: Option<String>,
     },
     /// Its owner is alive; `--force` overrides.
     Refuse {
@@ -25,6 +26,12 @@ pub enum Decision {
 pub fn decide(snap: &Snapshot, ip: IpAddr, force: bool) -> Decision {
     let holders = snap.holders(ip);
     let Some(h) = holders.first() else {
+        if let Some(block) = snap.ownerless_at(ip) {
+            return Decision::Release {
+                block,
+                handle: None,
+            };
+        }
         return if snap.pool_of_addr(ip).is_some() {
             Decision::NotAllocated
         } else {
@@ -59,7 +66,7 @@ pub fn decide(snap: &Snapshot, ip: IpAddr, force: bool) -> Decision {
         },
         _ => Decision::Release {
             block: h.block.cidr,
-            handle,
+            handle: Some(handle),
         },
     }
 }
@@ -72,7 +79,7 @@ mod tests {
 
     use super::*;
     use crate::api::ipamblock::IPAMBlock;
-    use crate::ipam::block::{Block, DEFAULT_COOLDOWN, Owner, host_affinity};
+    use crate::ipam::block::{Attribute, Block, DEFAULT_COOLDOWN, Owner, host_affinity};
     use crate::ipam::cidr::block_name;
     use crate::ipam::cli::snapshot::test_pool;
     use crate::ipam::convert::block_to_spec;
@@ -101,6 +108,10 @@ mod tests {
         };
         b.auto_assign(1, &pod, &Reservations::EMPTY, t0, DEFAULT_COOLDOWN);
         b.auto_assign(1, &tunnel, &Reservations::EMPTY, t0, DEFAULT_COOLDOWN);
+        // 10.1.0.2: allocated to nobody, as calicoctl 3.32 leaves a rewritten cooldown entry.
+        b.auto_assign(1, &pod, &Reservations::EMPTY, t0, DEFAULT_COOLDOWN);
+        b.attributes.push(Attribute::default());
+        b.allocations[2] = Some(b.attributes.len() - 1);
         let obj = IPAMBlock::new(&block_name(&b.cidr), block_to_spec(&b));
         let mut s = Snapshot::from_objects(&[test_pool("p", "10.1.0.0/24", 26)], &[obj], &[], &[]);
         s.pods = Some(
@@ -122,7 +133,7 @@ mod tests {
             decide(&s, ip, true),
             Decision::Release {
                 block: "10.1.0.0/26".parse().unwrap(),
-                handle: "h1".into()
+                handle: Some("h1".into())
             }
         );
     }
@@ -150,6 +161,14 @@ mod tests {
         assert_eq!(
             decide(&s, "10.1.0.9".parse().unwrap(), false),
             Decision::NotAllocated
+        );
+        assert_eq!(
+            decide(&s, "10.1.0.2".parse().unwrap(), false),
+            Decision::Release {
+                block: "10.1.0.0/26".parse().unwrap(),
+                handle: None
+            },
+            "nobody owns it: no --force needed"
         );
         assert_eq!(
             decide(&s, "192.0.2.1".parse().unwrap(), true),

@@ -6,10 +6,13 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use super::snapshot::{ATTR_NAMESPACE, ATTR_NODE, ATTR_POD, ATTR_TYPE, Snapshot};
+use super::snapshot::{ATTR_NAMESPACE, ATTR_NODE, ATTR_POD, ATTR_TYPE, SnapBlock, Snapshot};
 use super::table::{render, with_percent};
 use crate::ipam::cidr::num_addresses;
 
+/// Utilisation of one pool. "In use" is every address not free to hand out, as calicoctl
+/// counts it (block size minus `unallocated`): held by a handle, cooling down after release,
+/// or allocated to no handle; the three are also given apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolUsage {
@@ -18,8 +21,12 @@ pub struct PoolUsage {
     pub disabled: bool,
     pub total: u128,
     pub in_use: u128,
-    /// Released addresses still in their reuse cooldown (counted as neither in use nor free).
+    /// Of `in_use`: held by a handle.
+    pub held: u128,
+    /// Of `in_use`: released addresses still in their reuse cooldown.
     pub cooling: u128,
+    /// Of `in_use`: allocated to no handle (`tortie ipam check` reports them).
+    pub ownerless: u128,
     pub free: u128,
     pub blocks: Vec<BlockUsage>,
 }
@@ -32,56 +39,102 @@ pub struct BlockUsage {
     pub node: Option<String>,
     pub total: u128,
     pub in_use: u128,
+    pub held: u128,
+    pub cooling: u128,
+    pub ownerless: u128,
     pub free: u128,
 }
 
-/// Per pool (IPv4 first, then IPv6, by name): totals and the pool's blocks.
-pub fn usage(snap: &Snapshot) -> Vec<PoolUsage> {
-    snap.pools
+/// The whole picture: pools (IPv4 first, then IPv6, by name) and the blocks outside every
+/// pool (left by a deleted pool; calicoctl lists them as "orphaned allocation blocks").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub pools: Vec<PoolUsage>,
+    pub orphan_blocks: Vec<BlockUsage>,
+}
+
+fn block_usage(b: &SnapBlock) -> BlockUsage {
+    let total = num_addresses(&b.cidr);
+    match &b.parsed {
+        Ok(blk) => {
+            let free = blk.unallocated.len() as u128;
+            BlockUsage {
+                cidr: b.cidr,
+                node: b.host().map(str::to_string),
+                total,
+                in_use: total.saturating_sub(free),
+                held: blk.in_use_count() as u128,
+                cooling: blk.cooling_count() as u128,
+                ownerless: blk.ownerless_count() as u128,
+                free,
+            }
+        }
+        // A corrupt block is reported by `check`; here it counts as full so the free
+        // figure is never optimistic.
+        Err(_) => BlockUsage {
+            cidr: b.cidr,
+            node: b.host().map(str::to_string),
+            total,
+            in_use: total,
+            held: 0,
+            cooling: 0,
+            ownerless: 0,
+            free: 0,
+        },
+    }
+}
+
+pub fn usage(snap: &Snapshot) -> Usage {
+    let mut orphan_blocks = Vec::new();
+    let mut per_pool: Vec<Vec<BlockUsage>> = vec![Vec::new(); snap.pools.len()];
+    for b in &snap.blocks {
+        match snap.pools.iter().position(|p| p.cidr.contains(&b.cidr)) {
+            Some(i) => per_pool[i].push(block_usage(b)),
+            None => orphan_blocks.push(block_usage(b)),
+        }
+    }
+    let pools = snap
+        .pools
         .iter()
-        .map(|p| {
-            let mut cooling = 0;
-            let blocks: Vec<BlockUsage> = snap
-                .blocks
-                .iter()
-                .filter(|b| p.cidr.contains(&b.cidr))
-                .map(|b| {
-                    let total = num_addresses(&b.cidr);
-                    let (in_use, cool) = match &b.parsed {
-                        Ok(blk) => (blk.in_use_count() as u128, blk.cooling_count() as u128),
-                        // A corrupt block is reported by `check`; here it counts as full so
-                        // the free figure is never optimistic.
-                        Err(_) => (total, 0),
-                    };
-                    cooling += cool;
-                    BlockUsage {
-                        cidr: b.cidr,
-                        node: b.host().map(str::to_string),
-                        total,
-                        in_use,
-                        free: total - in_use - cool,
-                    }
-                })
-                .collect();
+        .zip(per_pool)
+        .map(|(p, blocks)| {
             let total = num_addresses(&p.cidr);
-            let in_use: u128 = blocks.iter().map(|b| b.in_use).sum();
+            let sum = |f: fn(&BlockUsage) -> u128| blocks.iter().map(f).sum::<u128>();
+            let in_use = sum(|b| b.in_use);
             PoolUsage {
                 name: p.name.clone(),
                 cidr: p.cidr,
                 disabled: p.disabled,
                 total,
                 in_use,
-                cooling,
-                free: total.saturating_sub(in_use + cooling),
+                held: sum(|b| b.held),
+                cooling: sum(|b| b.cooling),
+                ownerless: sum(|b| b.ownerless),
+                free: total.saturating_sub(in_use),
                 blocks,
             }
         })
-        .collect()
+        .collect();
+    Usage {
+        pools,
+        orphan_blocks,
+    }
 }
 
-pub fn render_usage(pools: &[PoolUsage], show_blocks: bool) -> String {
+fn block_row(b: &BlockUsage) -> Vec<String> {
+    vec![
+        format!("Block ({})", b.node.as_deref().unwrap_or("no affinity")),
+        b.cidr.to_string(),
+        b.total.to_string(),
+        with_percent(b.in_use, b.total),
+        with_percent(b.free, b.total),
+    ]
+}
+
+pub fn render_usage(usage: &Usage, show_blocks: bool) -> String {
     let mut rows = Vec::new();
-    for p in pools {
+    for p in &usage.pools {
         rows.push(vec![
             "IP Pool".to_string(),
             p.cidr.to_string(),
@@ -90,15 +143,22 @@ pub fn render_usage(pools: &[PoolUsage], show_blocks: bool) -> String {
             with_percent(p.free, p.total),
         ]);
         if show_blocks {
-            for b in &p.blocks {
-                rows.push(vec![
-                    format!("Block ({})", b.node.as_deref().unwrap_or("no affinity")),
-                    b.cidr.to_string(),
-                    b.total.to_string(),
-                    with_percent(b.in_use, b.total),
-                    with_percent(b.free, b.total),
-                ]);
-            }
+            rows.extend(p.blocks.iter().map(block_row));
+        }
+    }
+    if !usage.orphan_blocks.is_empty() {
+        // Never hidden: addresses in them are used, and no pool accounts for them.
+        let total: u128 = usage.orphan_blocks.iter().map(|b| b.total).sum();
+        let in_use: u128 = usage.orphan_blocks.iter().map(|b| b.in_use).sum();
+        rows.push(vec![
+            format!("Outside pools ({} blocks)", usage.orphan_blocks.len()),
+            "-".to_string(),
+            total.to_string(),
+            with_percent(in_use, total),
+            with_percent(total - in_use, total),
+        ]);
+        if show_blocks {
+            rows.extend(usage.orphan_blocks.iter().map(block_row));
         }
     }
     render(
@@ -332,7 +392,7 @@ mod tests {
 
     #[test]
     fn pool_totals_count_addresses_held_in_its_blocks() {
-        let u = usage(&snap());
+        let u = usage(&snap()).pools;
         assert_eq!(u.len(), 2);
         assert_eq!(
             (u[0].name.as_str(), u[0].total, u[0].in_use, u[0].free),
@@ -345,10 +405,54 @@ mod tests {
             (u[1].name.as_str(), u[1].total, u[1].in_use),
             ("v6", 256, 1)
         );
-        let text = render_usage(&u, true);
+        let text = render_usage(
+            &Usage {
+                pools: u,
+                orphan_blocks: Vec::new(),
+            },
+            true,
+        );
         assert!(text.contains("| IP Pool "), "{text}");
         assert!(text.contains("2 (1%)"), "{text}");
         assert!(text.contains("Block (n1)"), "{text}");
+    }
+
+    #[test]
+    fn cooling_and_ownerless_addresses_are_in_use_like_calicoctl_counts_them() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let cool = chrono::TimeDelta::seconds(30);
+        let mut b = Block::new(
+            "10.1.0.0/29".parse().unwrap(),
+            Some(host_affinity("n1")),
+            None,
+            1,
+        )
+        .unwrap();
+        for h in ["a", "b", "c"] {
+            b.auto_assign(1, &owner(h, "n1", h), &Reservations::EMPTY, t0, cool);
+        }
+        b.release_by_handle("a", t0, cool);
+        b.attributes[1] = crate::ipam::block::Attribute::default(); // b's entry -> {}
+        let blocks = [
+            IPAMBlock::new(&block_name(&b.cidr), block_to_spec(&b)),
+            block("10.9.0.0/30", "n2", &[owner("h9", "n2", "z")]),
+        ];
+        let s = Snapshot::from_objects(&[test_pool("p", "10.1.0.0/24", 29)], &blocks, &[], &[]);
+        let u = usage(&s);
+        let p = &u.pools[0];
+        assert_eq!((p.in_use, p.held, p.cooling, p.ownerless), (3, 1, 1, 1));
+        assert_eq!((p.blocks[0].in_use, p.blocks[0].free), (3, 5));
+        assert_eq!(p.free, 253);
+        assert_eq!(u.orphan_blocks.len(), 1);
+        assert_eq!(u.orphan_blocks[0].cidr.to_string(), "10.9.0.0/30");
+        let text = render_usage(&u, false);
+        assert!(text.contains("Outside pools (1 blocks)"), "{text}");
+        let text = render_usage(&u, true);
+        let orphan_row = text
+            .lines()
+            .find(|l| l.contains("10.9.0.0/30"))
+            .unwrap_or("");
+        assert!(orphan_row.contains("Block (n2)"), "{text}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
@@ -16,7 +16,7 @@ use crate::api::blockaffinity::{BlockAffinity, BlockAffinitySpec};
 use crate::api::ipamblock::IPAMBlock;
 use crate::api::ipamconfig::{IPAM_CONFIG_NAME, IPAMConfig};
 use crate::api::ipamhandle::IPAMHandle;
-use crate::ipam::block::{Attribute, Block, DEFAULT_COOLDOWN};
+use crate::ipam::block::{Attribute, Block, DEFAULT_COOLDOWN, Slot};
 use crate::ipam::cidr::ordinal_of;
 use crate::ipam::convert::{block_from_spec, time_to_chrono};
 use crate::ipam::pools::Pool;
@@ -28,6 +28,9 @@ pub const ATTR_NODE: &str = "node";
 pub const ATTR_TYPE: &str = "type";
 /// Same key the CNI handlers record the pod UID under (`cni::handlers` keeps it private).
 pub const ATTR_POD_UID: &str = "pod-uid";
+/// Pod annotations Calico's CNI plugin (and tortie's) writes after ADD.
+pub const ANNOTATION_POD_IP: &str = "cni.projectcalico.org/podIP";
+pub const ANNOTATION_POD_IPS: &str = "cni.projectcalico.org/podIPs";
 
 /// A block as read: parsed when it is consistent, the reason when it is not.
 #[derive(Debug, Clone)]
@@ -67,7 +70,87 @@ pub struct Snapshot {
     pub affinities: Vec<SnapAffinity>,
     /// (namespace, name) → pod UID; None when pods were not read.
     pub pods: Option<BTreeMap<(String, String), String>>,
+    /// What Calico counts as workload endpoints (pods); None when pods were not read.
+    pub workloads: Option<Vec<Workload>>,
+    /// Tunnel addresses the nodes publish: (address, node). Read with the pods.
+    pub node_tunnels: Vec<(IpAddr, String)>,
     pub cooldown: chrono::TimeDelta,
+}
+
+/// A pod as Calico's workload-endpoint conversion sees it (libcalico-go
+/// `k8s/conversion`): only pods that are scheduled and not host-networked are endpoints;
+/// their addresses come from `status.podIPs`, else `status.podIP`, else Calico's
+/// `podIPs`/`podIP` annotations, and a finished pod has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub finished: bool,
+}
+
+/// Node annotations holding tunnel addresses allocated from IPAM.
+pub const TUNNEL_ANNOTATIONS: &[&str] = &[
+    "projectcalico.org/IPv4VXLANTunnelAddr",
+    "projectcalico.org/IPv4IPIPTunnelAddr",
+    "projectcalico.org/IPv4WireguardInterfaceAddr",
+    "projectcalico.org/IPv6VXLANTunnelAddr",
+    "projectcalico.org/IPv6WireguardInterfaceAddr",
+];
+
+fn parse_ip_or_cidr(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<IpNet>().ok().map(|n| n.addr()))
+}
+
+/// The workload endpoint of `pod`, or None when Calico would not make one.
+pub fn workload_of(pod: &Pod) -> Option<Workload> {
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) || spec.node_name.as_deref().unwrap_or("").is_empty() {
+        return None;
+    }
+    let ann = pod.metadata.annotations.clone().unwrap_or_default();
+    let status = pod.status.clone().unwrap_or_default();
+    let listed: Vec<String> = if let Some(ips) = status.pod_ips.filter(|v| !v.is_empty()) {
+        ips.into_iter().map(|p| p.ip).collect()
+    } else if let Some(ip) = status.pod_ip.filter(|s| !s.is_empty()) {
+        vec![ip]
+    } else if let Some(ips) = ann.get(ANNOTATION_POD_IPS).filter(|s| !s.is_empty()) {
+        ips.split(',').map(str::to_string).collect()
+    } else if let Some(ip) = ann.get(ANNOTATION_POD_IP).filter(|s| !s.is_empty()) {
+        vec![ip.clone()]
+    } else {
+        Vec::new()
+    };
+    let deleting_without_ip = pod.metadata.deletion_timestamp.is_some()
+        && ann.get(ANNOTATION_POD_IP).is_some_and(|v| v.is_empty());
+    let phase = status.phase.as_deref();
+    let finished =
+        deleting_without_ip || matches!(phase, Some("Failed" | "Succeeded" | "Completed"));
+    Some(Workload {
+        namespace: pod.namespace().unwrap_or_default(),
+        name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+        ips: if finished {
+            Vec::new()
+        } else {
+            listed.iter().filter_map(|s| parse_ip_or_cidr(s)).collect()
+        },
+        finished,
+    })
+}
+
+/// The tunnel addresses `node` publishes in its annotations.
+pub fn node_tunnels(node: &Node) -> Vec<(IpAddr, String)> {
+    let ann = node.metadata.annotations.clone().unwrap_or_default();
+    TUNNEL_ANNOTATIONS
+        .iter()
+        .filter_map(|k| ann.get(*k).and_then(|v| parse_ip_or_cidr(v)))
+        .map(|ip| (ip, node.name_any()))
+        .collect()
 }
 
 /// Who holds one address.
@@ -107,15 +190,11 @@ impl Snapshot {
                 .list(&lp)
                 .await
                 .map_err(list_err("pods"))?;
-            Some(
-                pods.items
-                    .iter()
-                    .map(|p| {
-                        let key = (p.namespace().unwrap_or_default(), p.name_any());
-                        (key, p.uid().unwrap_or_default())
-                    })
-                    .collect(),
-            )
+            let nodes = Api::<Node>::all(client.clone())
+                .list(&lp)
+                .await
+                .map_err(list_err("nodes"))?;
+            Some((pods.items, nodes.items))
         } else {
             None
         };
@@ -125,7 +204,10 @@ impl Snapshot {
             &handles.items,
             &affinities.items,
         );
-        snap.pods = pods;
+        if let Some((pods, nodes)) = pods {
+            snap.set_pods(&pods);
+            snap.node_tunnels = nodes.iter().flat_map(node_tunnels).collect();
+        }
         if let Some(s) = config.and_then(|c| c.spec.ip_cooldown_seconds) {
             snap.cooldown = chrono::TimeDelta::seconds(i64::from(s.max(0)));
         }
@@ -197,12 +279,34 @@ impl Snapshot {
         snap
     }
 
+    /// Records the pods (for `check` and `release`).
+    pub fn set_pods(&mut self, pods: &[Pod]) {
+        self.pods = Some(
+            pods.iter()
+                .map(|p| {
+                    let key = (p.namespace().unwrap_or_default(), p.name_any());
+                    (key, p.uid().unwrap_or_default())
+                })
+                .collect(),
+        );
+        self.workloads = Some(pods.iter().filter_map(workload_of).collect());
+    }
+
     pub fn pool_of(&self, net: &IpNet) -> Option<&Pool> {
         self.pools.iter().find(|p| p.cidr.contains(net))
     }
 
     pub fn pool_of_addr(&self, addr: IpAddr) -> Option<&Pool> {
         self.pools.iter().find(|p| p.cidr.contains(&addr))
+    }
+
+    /// The block where `addr` is allocated to no handle (a `{}` attribute), if any.
+    pub fn ownerless_at(&self, addr: IpAddr) -> Option<IpNet> {
+        self.blocks.iter().find_map(|b| {
+            let blk = b.parsed.as_ref().ok()?;
+            let ord = ordinal_of(&blk.cidr, addr)?;
+            (blk.slot(ord) == Slot::Ownerless).then_some(b.cidr)
+        })
     }
 
     /// Every block holding `addr` (more than one only when blocks overlap, itself a problem).

@@ -89,7 +89,7 @@ fn own_blocks(ipam: &Ipam) -> Vec<OwnBlock> {
             .filter(|b| b.block.is_affine_to(ipam.node()))
             .map(|b| {
                 let mut block = b.block.clone();
-                block.reclaim_cooled(now, v.limits.cooldown);
+                block.garbage_collect(now, v.limits.cooldown);
                 let selected = v
                     .pools
                     .containing_net(&block.cidr)

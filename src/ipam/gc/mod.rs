@@ -5,6 +5,7 @@
 //! Entry points: `watch_pods` (the Pod reflector the GC reads; no LIST per pass), `run` (the
 //! leader loop, idle while `is_leader` is false) and `local::run` (node-local hygiene).
 
+pub mod cooldown;
 mod handles;
 pub mod local;
 pub mod verdict;
@@ -24,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use self::verdict::{
     ANNOTATION_POD_IP, ANNOTATION_POD_IPS, Allocation, Holder, Judged, LeakTracker, PodFacts,
-    Verdict, allocations, holder_of, pod_facts, verdict,
+    Verdict, allocations, holder_of, ownerless, pod_facts, verdict,
 };
 use super::Ipam;
 use super::IpamError;
@@ -157,6 +158,8 @@ pub async fn run(
         cfg,
         status,
         tracker: LeakTracker::default(),
+        ownerless: HashMap::new(),
+        ownerless_candidates: BTreeMap::new(),
     };
     loop {
         if is_leader.has_changed().is_err() {
@@ -206,6 +209,8 @@ pub async fn run(
         }
         tracing::info!("no longer leading IPAM garbage collection");
         gc.tracker.reset();
+        gc.ownerless.clear();
+        gc.ownerless_candidates.clear();
         gc.handles.reset();
         gc.status.update(|c| c.candidates.clear());
     }
@@ -226,6 +231,9 @@ struct LeaderGc {
     cfg: GcConfig,
     status: GcStatus,
     tracker: LeakTracker,
+    /// Since when each address allocated to no handle has been seen.
+    ownerless: HashMap<(ipnet::IpNet, IpAddr), Instant>,
+    ownerless_candidates: BTreeMap<PoolNode, u64>,
     handles: handles::HandleGc,
 }
 
@@ -245,6 +253,9 @@ impl LeaderGc {
         // First, so an orphan handle seen in the same pass as a leak goes no later than it.
         if let Err(e) = self.handles.pass(&self.ipam, self.cfg.grace).await {
             tracing::warn!(error = %e, "collecting IPAMHandles without allocations failed; retrying next pass");
+        }
+        if let Err(e) = self.collect_ownerless().await {
+            tracing::warn!(error = %e, "releasing addresses allocated to no handle failed; retrying next pass");
         }
         if let Err(e) = self.collect_leaks().await {
             tracing::warn!(error = %e, "IPAM leak collection failed; retrying next pass");
@@ -330,7 +341,58 @@ impl LeaderGc {
             }
         }
         self.status.update(|c| {
+            for (k, n) in &self.ownerless_candidates {
+                *candidates.entry(k.clone()).or_insert(0) += n;
+            }
             c.candidates = candidates;
+            for (k, n) in reclaimed {
+                *c.reclamations.entry(k).or_insert(0) += n;
+            }
+        });
+        Ok(())
+    }
+
+    /// Addresses allocated to no handle (nothing can ever release them by handle): released
+    /// once they have been seen for the grace period, unless a pod reports the address as
+    /// its own. They count as GC candidates of `unknown_node`, as kube-controllers counts
+    /// allocations without a node attribute.
+    async fn collect_ownerless(&mut self) -> Result<(), IpamError> {
+        let now = Instant::now();
+        let used: std::collections::HashSet<IpAddr> = self
+            .pods
+            .state()
+            .iter()
+            .flat_map(|p| pod_facts(p).ips)
+            .collect();
+        let seen: Vec<((ipnet::IpNet, IpAddr), String)> = self.ipam.with_view(|v| {
+            ownerless(v)
+                .into_iter()
+                .filter(|(_, a)| !used.contains(a))
+                .map(|(b, a)| ((b, a), pool_label(v, &b)))
+                .collect()
+        });
+        let previous = std::mem::take(&mut self.ownerless);
+        self.ownerless = seen
+            .iter()
+            .map(|(k, _)| (*k, previous.get(k).copied().unwrap_or(now)))
+            .collect();
+        let mut candidates: BTreeMap<PoolNode, u64> = BTreeMap::new();
+        let mut reclaimed: BTreeMap<PoolNode, u64> = BTreeMap::new();
+        for ((block, addr), pool) in seen {
+            let label = (pool, UNKNOWN_NODE.to_string());
+            let aged = self
+                .ownerless
+                .get(&(block, addr))
+                .is_some_and(|t| now.saturating_duration_since(*t) >= self.cfg.grace);
+            if aged && self.ipam.release_ownerless(block, addr).await? {
+                self.ownerless.remove(&(block, addr));
+                *reclaimed.entry(label).or_insert(0) += 1;
+            } else {
+                *candidates.entry(label).or_insert(0) += 1;
+            }
+        }
+        self.ownerless_candidates = candidates;
+        self.status.update(|c| {
             for (k, n) in reclaimed {
                 *c.reclamations.entry(k).or_insert(0) += n;
             }

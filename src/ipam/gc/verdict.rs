@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::cni::handlers::ATTR_POD_UID;
+use crate::ipam::block::Slot;
 use crate::ipam::cidr::addr_at;
 use crate::ipam::store::View;
 
@@ -51,13 +52,14 @@ impl Allocation {
     }
 }
 
-/// Every held address in the view (cooling-down ordinals have no handle and are skipped).
+/// Every address held by a handle in the view (cooling-down and ownerless ordinals are
+/// skipped).
 pub fn allocations(view: &View) -> Vec<Allocation> {
     let mut out = Vec::new();
     for cached in view.blocks.values() {
         let b = &cached.block;
-        for (ord, idx) in b.allocations.iter().enumerate() {
-            let Some(attr) = idx.and_then(|i| b.attributes.get(i)) else {
+        for ord in 0..b.allocations.len() {
+            let Slot::Held(attr) = b.slot(ord) else {
                 continue;
             };
             let (Some(handle), Some(addr)) = (&attr.handle_id, addr_at(&b.cidr, ord)) else {
@@ -70,6 +72,23 @@ pub fn allocations(view: &View) -> Vec<Allocation> {
                 handle: handle.clone(),
                 attrs: attr.secondary.clone(),
             });
+        }
+    }
+    out
+}
+
+/// Every address allocated to no handle (a `{}` attribute, as calicoctl before 3.34 leaves
+/// a rewritten cooldown entry): (block, address).
+pub fn ownerless(view: &View) -> Vec<(IpNet, IpAddr)> {
+    let mut out = Vec::new();
+    for cached in view.blocks.values() {
+        let b = &cached.block;
+        for ord in 0..b.allocations.len() {
+            if b.slot(ord) == Slot::Ownerless
+                && let Some(addr) = addr_at(&b.cidr, ord)
+            {
+                out.push((b.cidr, addr));
+            }
         }
     }
     out

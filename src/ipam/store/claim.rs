@@ -118,7 +118,7 @@ impl Claimer<'_> {
             return Ok(Claim::Lost);
         }
         let cooldown = view::read(self.view).limits.cooldown;
-        block.reclaim_cooled(now, cooldown);
+        block.garbage_collect(now, cooldown);
         if !block.is_empty() {
             return Ok(Claim::Lost);
         }

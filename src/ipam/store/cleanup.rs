@@ -50,7 +50,7 @@ impl Ipam {
             return Ok(Some(Kept::NotAffine));
         }
         let cooldown = self.with_view(|v| v.limits.cooldown);
-        block.reclaim_cooled(Utc::now(), cooldown);
+        block.garbage_collect(Utc::now(), cooldown);
         if !block.is_empty() {
             return Ok(Some(Kept::NotEmpty));
         }

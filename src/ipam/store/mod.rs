@@ -538,6 +538,23 @@ impl Ipam {
         Ok(released)
     }
 
+    /// Frees the holds of block `cidr` whose cooldown has passed (written only when there
+    /// are some): the scan that keeps an idle block's expired holds from lingering.
+    pub async fn collect_block(&self, cidr: IpNet) -> Result<(), IpamError> {
+        self.writers.collect(cidr).await
+    }
+
+    /// Releases `addr` in `cidr` if it is still allocated to no handle. Returns whether it
+    /// was released.
+    pub async fn release_ownerless(&self, cidr: IpNet, addr: IpAddr) -> Result<bool, IpamError> {
+        let released = self.writers.release_ownerless(cidr, addr).await?;
+        if !released.is_empty() {
+            Activity::add(&self.activity.releases, released.len());
+            tracing::info!(%addr, block = %cidr, "released address allocated to no handle");
+        }
+        Ok(!released.is_empty())
+    }
+
     async fn record_handle(&self, handle: &str, got: &[(IpNet, IpAddr)]) -> Result<(), IpamError> {
         let mut counts: BTreeMap<IpNet, usize> = BTreeMap::new();
         for (cidr, _) in got {

@@ -14,30 +14,32 @@ use super::{MAX_CAS_RETRIES, is_conflict, is_not_found};
 use crate::api::ipamblock::IPAMBlock;
 use crate::api::ipamhandle::{IPAMHandle, handle_object_name};
 use crate::ipam::IpamError;
-use crate::ipam::block::Attribute;
+use crate::ipam::block::Slot;
 use crate::ipam::cidr::{block_name, ordinal_of};
 use crate::ipam::convert::{block_from_spec, block_to_spec};
 
 /// What happened to the address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AddrRelease {
-    /// It was held by `handle` and is now free (or cooling down).
-    Released { handle: String },
-    /// Nobody held it (or its block does not exist).
+    /// It was held by `handle` (None: allocated to no handle) and is now free (or cooling
+    /// down).
+    Released { handle: Option<String> },
+    /// Nobody held it (or its block does not exist, or it is cooling down already).
     NotAllocated,
-    /// Another handle than the expected one holds it now: left alone.
-    HeldByOther { handle: String },
+    /// Another holder than the expected one has it now: left alone.
+    HeldByOther { handle: Option<String> },
 }
 
-/// Releases `addr` in block `cidr` if `expect_handle` (when given) still holds it. The caller
-/// decided from an earlier read that the address may go; the expectation keeps a release from
+/// Releases `addr` in block `cidr` if it is still held as `expect_handle` says (Some(h): by
+/// handle h; Some(None): by no handle, a `{}` attribute; None: by anyone). The caller decided
+/// from an earlier read that the address may go; the expectation keeps a release from
 /// hitting an address that was freed and handed to someone else in between.
 pub async fn release_addr(
     blocks: &Api<IPAMBlock>,
     handles: &Api<IPAMHandle>,
     cidr: IpNet,
     addr: IpAddr,
-    expect_handle: Option<&str>,
+    expect_handle: Option<Option<&str>>,
     now: DateTime<Utc>,
     cooldown: TimeDelta,
 ) -> Result<AddrRelease, IpamError> {
@@ -54,23 +56,20 @@ pub async fn release_addr(
             return Ok(AddrRelease::NotAllocated);
         };
         let mut block = block_from_spec(&obj.spec)?;
-        let Some(holder) = block.holder(addr).and_then(|a| a.handle_id.clone()) else {
-            return Ok(AddrRelease::NotAllocated);
+        block.garbage_collect(now, cooldown);
+        let holder = match block.slot(ord) {
+            Slot::Held(a) => a.handle_id.clone(),
+            Slot::Ownerless => None,
+            Slot::Free | Slot::Cooling(_) => return Ok(AddrRelease::NotAllocated),
         };
-        if expect_handle.is_some_and(|h| h != holder) {
+        if expect_handle.is_some_and(|h| h != holder.as_deref()) {
             return Ok(AddrRelease::HeldByOther { handle: holder });
         }
-        // Point the one ordinal at a private owner and release that owner, so the block's own
-        // release path (cooldown marker, sequence numbers, attribute compaction) applies to
-        // exactly this address even when the handle holds others in the block.
-        let private = format!("tortie-ipam-release/{addr}");
-        block.attributes.push(Attribute {
-            handle_id: Some(private.clone()),
-            secondary: Default::default(),
-            released_at: None,
-        });
-        block.allocations[ord] = Some(block.attributes.len() - 1);
-        block.release_by_handle(&private, now, cooldown);
+        // Calico's release of one address: a fresh sequence number, a `releasedAt`
+        // attribute, then the collection that frees it at once when there is no cooldown.
+        if block.release_ordinal(ord, now, cooldown).is_none() {
+            return Ok(AddrRelease::NotAllocated);
+        }
         block.bump_sequence();
         let mut next = IPAMBlock::new(&name, block_to_spec(&block));
         next.metadata.resource_version = obj.resource_version();
@@ -88,8 +87,10 @@ pub async fn release_addr(
             object: format!("IPAMBlock {name}"),
         });
     };
-    tracing::info!(%addr, block = %cidr, %handle, "released address");
-    lower_handle_count(handles, &handle, &cidr).await?;
+    tracing::info!(%addr, block = %cidr, handle = ?handle, "released address");
+    if let Some(h) = &handle {
+        lower_handle_count(handles, h, &cidr).await?;
+    }
     Ok(AddrRelease::Released { handle })
 }
 

@@ -309,8 +309,8 @@ fn apply_block(v: &mut View, o: IPAMBlock) {
                         free: 0,
                         in_use: 0,
                         cooling: 0,
-                        last_release: None,
-                        empty: false,
+                        ownerless: 0,
+                        cooling_releases: Vec::new(),
                         sequence_number: 0,
                     },
                 );
@@ -415,12 +415,12 @@ mod tests {
         let mut v = View::new();
         v.set_config(None);
         assert_eq!(v.limits.max_blocks_per_host, 0);
-        assert_eq!(v.limits.cooldown, DEFAULT_COOLDOWN);
+        assert_eq!(v.limits.cooldown, TimeDelta::zero(), "Calico's default");
         let spec = crate::api::ipamconfig::IPAMConfigSpec {
-            ip_cooldown_seconds: Some(0),
+            ip_cooldown_seconds: Some(30),
             ..Default::default()
         };
         v.set_config(Some(&IPAMConfig::new("default", spec)));
-        assert_eq!(v.limits.cooldown, TimeDelta::zero());
+        assert_eq!(v.limits.cooldown, TimeDelta::seconds(30));
     }
 }

@@ -18,7 +18,7 @@ use super::view::{self, CachedBlock, View};
 use super::{MAX_CAS_RETRIES, is_conflict, is_not_found};
 use crate::api::ipamblock::IPAMBlock;
 use crate::ipam::IpamError;
-use crate::ipam::block::{Block, Owner};
+use crate::ipam::block::{Block, Owner, Slot};
 use crate::ipam::cidr::block_name;
 use crate::ipam::convert::{block_from_spec, block_to_spec};
 
@@ -42,6 +42,17 @@ pub enum Op {
     /// Every address of `handle` in this block (none: nothing to do).
     Release {
         handle: String,
+        reply: oneshot::Sender<Result<Vec<IpAddr>, IpamError>>,
+    },
+    /// `addr` if it is still allocated to no handle (a `{}` attribute); replies with it when
+    /// released, nothing when it changed meanwhile.
+    ReleaseOwnerless {
+        addr: IpAddr,
+        reply: oneshot::Sender<Result<Vec<IpAddr>, IpamError>>,
+    },
+    /// Nothing but the garbage collection every write starts with: frees holds whose
+    /// cooldown has passed, written only if that changed the block.
+    Collect {
         reply: oneshot::Sender<Result<Vec<IpAddr>, IpamError>>,
     },
 }
@@ -124,6 +135,27 @@ impl Writers {
         self.submit(cidr, Op::AssignAddr { addr, owner, reply });
         rx.await
             .map_err(|_| IpamError::WriterGone { block: cidr })?
+    }
+
+    /// Releases `addr` if it is still allocated with no handle.
+    pub async fn release_ownerless(
+        &self,
+        cidr: IpNet,
+        addr: IpAddr,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(cidr, Op::ReleaseOwnerless { addr, reply });
+        rx.await
+            .map_err(|_| IpamError::WriterGone { block: cidr })?
+    }
+
+    /// Collects the block's expired holds (a write only when there are some).
+    pub async fn collect(&self, cidr: IpNet) -> Result<(), IpamError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(cidr, Op::Collect { reply });
+        rx.await
+            .map_err(|_| IpamError::WriterGone { block: cidr })?
+            .map(|_| ())
     }
 
     pub async fn release(&self, cidr: IpNet, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
@@ -221,6 +253,8 @@ impl Writer {
             };
             let now = Utc::now();
             let mut block = cached.block.clone();
+            // Calico collects expired holds whenever it reads a block; the write carries it.
+            block.garbage_collect(now, cooldown);
             let outcomes: Vec<Outcome> = batch
                 .iter()
                 .map(|op| apply(&mut block, op, &reservations, now, cooldown))
@@ -335,13 +369,24 @@ fn apply(
         Op::Release { handle, .. } => {
             Outcome::Addrs(block.release_by_handle(handle, now, cooldown))
         }
+        Op::ReleaseOwnerless { addr, .. } => {
+            let ownerless = crate::ipam::cidr::ordinal_of(&block.cidr, *addr)
+                .filter(|o| block.slot(*o) == Slot::Ownerless);
+            match ownerless.map(|o| block.release_ordinal(o, now, cooldown)) {
+                Some(Some(_)) => Outcome::Addrs(vec![*addr]),
+                _ => Outcome::Addrs(Vec::new()),
+            }
+        }
+        Op::Collect { .. } => Outcome::Done,
     }
 }
 
 fn gone(op: &Op, cidr: IpNet) -> Outcome {
     match op {
         // Nothing of anyone's can be in a block that does not exist.
-        Op::Release { .. } => Outcome::Addrs(Vec::new()),
+        Op::Release { .. } | Op::ReleaseOwnerless { .. } | Op::Collect { .. } => {
+            Outcome::Addrs(Vec::new())
+        }
         _ => Outcome::Failed(IpamError::BlockGone { block: cidr }),
     }
 }
@@ -368,6 +413,15 @@ fn reply(op: Op, outcome: Outcome) {
         (Op::Release { reply, .. }, Outcome::Failed(e)) => drop(reply.send(Err(e))),
         (Op::Assign { reply, .. }, Outcome::Done) => drop(reply.send(Ok(Vec::new()))),
         (Op::Release { reply, .. }, Outcome::Done) => drop(reply.send(Ok(Vec::new()))),
+        (Op::ReleaseOwnerless { reply, .. } | Op::Collect { reply }, Outcome::Addrs(a)) => {
+            drop(reply.send(Ok(a)))
+        }
+        (Op::ReleaseOwnerless { reply, .. } | Op::Collect { reply }, Outcome::Failed(e)) => {
+            drop(reply.send(Err(e)))
+        }
+        (Op::ReleaseOwnerless { reply, .. } | Op::Collect { reply }, Outcome::Done) => {
+            drop(reply.send(Ok(Vec::new())))
+        }
     }
 }
 
