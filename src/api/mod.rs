@@ -16,6 +16,7 @@ pub mod kubecontrollersconfiguration;
 pub mod networkpolicy;
 pub mod networkset;
 pub mod rule;
+pub mod vocab;
 
 pub use blockaffinity::{AffinityState, AffinityType, BlockAffinity, BlockAffinitySpec};
 pub use clusterinformation::{ClusterInformation, ClusterInformationSpec};

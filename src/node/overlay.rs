@@ -2,8 +2,10 @@
 //! keeps this node's tunnel addresses allocated and published, recalculates the desired
 //! dataplane and NAT model, and hands them to the drivers when they change.
 //!
-//! The stores are polled in memory every `POLL` (no API traffic): that is the debounce — a
-//! burst of watch events costs one recalculation, and an unchanged snapshot costs none.
+//! Event-driven: a change applied by any watch (datastore or IPAM view), a live setting, or
+//! the dataplane's recheck wakes it; changes arriving during a pass cost one more pass, not
+//! one each, and an unchanged snapshot costs no driver work. No polling: an idle daemon
+//! sleeps here until something changes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +22,8 @@ use crate::calc::{ClusterView as CalcView, DesiredDataplane, OverlayConfig, desi
 use crate::datastore::ClusterView;
 use crate::ipam::{Ipam, TunnelKind};
 
-const POLL: Duration = Duration::from_millis(200);
+/// Retry interval for a tunnel address that could not be allocated or published.
+const TUNNEL_RETRY: Duration = Duration::from_secs(2);
 
 /// What the drivers are asked to converge to.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +46,8 @@ pub struct Overlay {
     /// Live overlay settings (FelixConfiguration); each change recalculates.
     pub config_updates: Option<watch::Receiver<OverlayConfig>>,
     last: Option<(CalcView, bool)>,
+    /// A tunnel address was not ready on the last pass: retry after `TUNNEL_RETRY`.
+    tunnel_pending: bool,
 }
 
 impl Overlay {
@@ -69,6 +74,7 @@ impl Overlay {
             recheck: Arc::new(Notify::new()),
             config_updates: None,
             last: None,
+            tunnel_pending: false,
         }
     }
 
@@ -89,6 +95,7 @@ impl Overlay {
             .find(|n| n.metadata.name.as_deref() == Some(node.as_str()))
             .and_then(|n| n.metadata.annotations.clone())
             .unwrap_or_default();
+        self.tunnel_pending = false;
         let wants = [
             (TunnelKind::Vxlan, probe.vxlan_enabled()),
             (TunnelKind::Ipip, probe.ipip_enabled()),
@@ -102,10 +109,18 @@ impl Overlay {
                     Ok(a) => Some(a),
                     Err(e) => {
                         tracing::warn!(error = %e, "tunnel address not ready; retrying");
+                        self.tunnel_pending = true;
                         tunnel::held(&self.ipam, kind)
                     }
                 }
             } else {
+                let published = published.contains_key(tunnel::annotation_key(kind));
+                if (published || tunnel::held(&self.ipam, kind).is_some())
+                    && let Err(e) = self.publisher.retire(&self.ipam, kind, published).await
+                {
+                    tracing::warn!(error = %e, "unused tunnel address not released; retrying");
+                    self.tunnel_pending = true;
+                }
                 None
             };
             match kind {
@@ -167,26 +182,52 @@ impl Overlay {
         })
     }
 
-    /// Runs until `stopped` turns true, handing each changed part to its driver.
+    /// Runs until `stopped` turns true, handing each changed part to its driver. `pulse`
+    /// reports each pass to the health registry (the watchdog sees a pass that never ends).
     pub async fn run(
         mut self,
         dataplane: watch::Sender<Arc<DesiredDataplane>>,
         nat: watch::Sender<NatModel>,
         mut stopped: watch::Receiver<bool>,
+        pulse: crate::health::Pulse,
     ) {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut view_changes = self.view.changes.clone();
+        let mut ipam_changes = self.ipam.changes();
+        let mut config = self.config_updates.clone();
         loop {
+            let retry = async {
+                if self.tunnel_pending {
+                    tokio::time::sleep(TUNNEL_RETRY).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
-                _ = tick.tick() => {}
+                r = view_changes.changed() => if r.is_err() { return },
+                r = ipam_changes.changed() => if r.is_err() { return },
+                r = changed(&mut config) => if r.is_err() { return },
                 _ = self.recheck.notified() => {}
+                _ = retry => {}
                 _ = stopped.wait_for(|s| *s) => return,
             }
+            view_changes.borrow_and_update();
+            ipam_changes.borrow_and_update();
+            pulse.busy();
+            crate::health::faults::check(pulse.name()).await;
             if let Some(w) = self.recalculate().await {
                 publish(&dataplane, w.dataplane);
                 publish(&nat, w.nat);
             }
+            pulse.idle();
         }
+    }
+}
+
+/// A settings channel's next change; never, without one.
+async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 
