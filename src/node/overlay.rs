@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 
 use super::overlay_metrics::OverlayMetrics;
 use super::snapshot::{self, LocalNode};
-use super::tunnel::{self, Publisher};
+use super::tunnel::{self, Publisher, TunnelError};
 use crate::calc::nat::{NatModel, NatSettings, desired_nat};
 use crate::calc::{ClusterView as CalcView, DesiredDataplane, OverlayConfig, desired_dataplane};
 use crate::datastore::ClusterView;
@@ -24,6 +24,9 @@ use crate::ipam::{Ipam, TunnelKind};
 
 /// Retry interval for a tunnel address that could not be allocated or published.
 const TUNNEL_RETRY: Duration = Duration::from_secs(2);
+/// The most one pass waits on the API for a tunnel address: a pass blocked on an
+/// unreachable API server must not look like a stuck calculation to the watchdog.
+const TUNNEL_API_BUDGET: Duration = Duration::from_secs(10);
 
 /// What the drivers are asked to converge to.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,7 +108,13 @@ impl Overlay {
                 let current = published
                     .get(tunnel::annotation_key(kind))
                     .and_then(|v| snapshot::parse_tunnel_addr(v));
-                match self.publisher.ensure(&self.ipam, kind, current).await {
+                let ensured = tokio::time::timeout(
+                    TUNNEL_API_BUDGET,
+                    self.publisher.ensure(&self.ipam, kind, current),
+                )
+                .await
+                .unwrap_or_else(|_| Err(TunnelError::TimedOut { kind }));
+                match ensured {
                     Ok(a) => Some(a),
                     Err(e) => {
                         tracing::warn!(error = %e, "tunnel address not ready; retrying");
@@ -116,7 +125,12 @@ impl Overlay {
             } else {
                 let published = published.contains_key(tunnel::annotation_key(kind));
                 if (published || tunnel::held(&self.ipam, kind).is_some())
-                    && let Err(e) = self.publisher.retire(&self.ipam, kind, published).await
+                    && let Err(e) = tokio::time::timeout(
+                        TUNNEL_API_BUDGET,
+                        self.publisher.retire(&self.ipam, kind, published),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(TunnelError::TimedOut { kind }))
                 {
                     tracing::warn!(error = %e, "unused tunnel address not released; retrying");
                     self.tunnel_pending = true;
@@ -194,21 +208,22 @@ impl Overlay {
         let mut view_changes = self.view.changes.clone();
         let mut ipam_changes = self.ipam.changes();
         let mut config = self.config_updates.clone();
+        // A pass at once: changes between start-up's first pass and these subscriptions
+        // would otherwise wait for the next change.
+        let mut first = true;
         loop {
-            let retry = async {
-                if self.tunnel_pending {
-                    tokio::time::sleep(TUNNEL_RETRY).await
-                } else {
-                    std::future::pending().await
-                }
-            };
-            tokio::select! {
-                r = view_changes.changed() => if r.is_err() { return },
-                r = ipam_changes.changed() => if r.is_err() { return },
-                r = changed(&mut config) => if r.is_err() { return },
-                _ = self.recheck.notified() => {}
-                _ = retry => {}
-                _ = stopped.wait_for(|s| *s) => return,
+            if !std::mem::take(&mut first)
+                && self
+                    .wait_for_change(
+                        &mut view_changes,
+                        &mut ipam_changes,
+                        &mut config,
+                        &mut stopped,
+                    )
+                    .await
+                    .is_none()
+            {
+                return;
             }
             view_changes.borrow_and_update();
             ipam_changes.borrow_and_update();
@@ -219,6 +234,33 @@ impl Overlay {
                 publish(&nat, w.nat);
             }
             pulse.idle();
+        }
+    }
+
+    /// Until something the calculation reads changed (Err: stop).
+    async fn wait_for_change(
+        &self,
+        view_changes: &mut watch::Receiver<u64>,
+        ipam_changes: &mut watch::Receiver<u64>,
+        config: &mut Option<watch::Receiver<OverlayConfig>>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Option<()> {
+        {
+            let retry = async {
+                if self.tunnel_pending {
+                    tokio::time::sleep(TUNNEL_RETRY).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                r = view_changes.changed() => r.ok(),
+                r = ipam_changes.changed() => r.ok(),
+                r = changed(config) => r.ok(),
+                _ = self.recheck.notified() => Some(()),
+                _ = retry => Some(()),
+                _ = stopped.wait_for(|s| *s) => None,
+            }
         }
     }
 }

@@ -24,6 +24,8 @@ pub enum TunnelError {
         node: String,
         source: IpamError,
     },
+    #[error("the API did not answer in time for the {kind:?} tunnel address")]
+    TimedOut { kind: TunnelKind },
     #[error("releasing the unused {kind:?} tunnel address of node {node}: {source}")]
     Release {
         kind: TunnelKind,
