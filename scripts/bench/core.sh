@@ -10,12 +10,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 tortie_ensure_deps
 export TORTIE_CONTROLPLANE_BIN=${TORTIE_CONTROLPLANE_BIN:-$(bash scripts/controlplane/build.sh)}
 base=${BASE:-main}
-target=${CARGO_TARGET_DIR:-target}
+target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 src=$(mktemp -d /tmp/tortie-bench-base.XXXXXX)
 trap 'rm -rf "$src"' EXIT
 git archive "$base" | tar -x -C "$src"
-(cd "$src" && CARGO_TARGET_DIR="$(realpath -m "$OLDPWD/$target")-base" cargo build --release --bin tortie)
+# The same target dir (dependencies are built once); the base binary is copied out before
+# this tree's build replaces target/release/tortie.
+(cd "$src" && CARGO_TARGET_DIR="$target" cargo build --release --bin tortie)
+cp "$target/release/tortie" "$target/release/tortie-$base"
 cargo build --release --bin tortie
-this=$(realpath "$target/release/tortie")
-base_bin=$(realpath -m "$target-base/release/tortie")
+this="$target/release/tortie"
+base_bin="$target/release/tortie-$base"
 FOOTPRINT_BINS="this=$this,$base=$base_bin" cargo bench --bench node_footprint -- --bench
