@@ -702,6 +702,7 @@ async fn calicoctl_patch_of_the_vxlan_mtu_reaches_the_next_pod() -> anyhow::Resu
         nodes,
         client: client.clone(),
         is_leader,
+        changes: None,
     });
     let (_host_tx, host_mtu) = watch::channel(1500u32);
     let (derived, _live) = live::spawn(live::Inputs {
@@ -710,6 +711,7 @@ async fn calicoctl_patch_of_the_vxlan_mtu_reaches_the_next_pod() -> anyhow::Resu
         pools,
         cni_mtu: 0,
         kernel_release: "6.1.0".into(),
+        changes: None,
     });
     let mut pod_mtu = derived.pod_mtu.clone();
     let forward = tokio::spawn(async move {

@@ -32,6 +32,9 @@ pub struct Inputs {
     pub nodes: Store<Node>,
     pub client: Client,
     pub is_leader: watch::Receiver<bool>,
+    /// The datastore's change signal: recompute when it fires (the daemon). None: poll the
+    /// stores every `POLL` (callers without a datastore).
+    pub changes: Option<watch::Receiver<u64>>,
 }
 
 /// The objects as the merge reads them, from the store.
@@ -66,12 +69,24 @@ pub fn spawn(inputs: Inputs) -> (watch::Receiver<Effective>, JoinHandle<()>) {
     log_effective(&Effective::default(), &first);
     let (tx, rx) = watch::channel(first);
     let task = tokio::spawn(async move {
+        let mut inputs = inputs;
         let mut reported = Reported::new(&inputs);
         reported.check(&inputs, &sources).await;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = inputs.changes.take();
+        let mut leader = Some(inputs.is_leader.clone());
         loop {
-            tick.tick().await;
+            match changes.as_mut() {
+                // Leadership decides who reports Events: its change wakes the check too.
+                Some(rx) => tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    r = changed_or_never(&mut leader) => if r.is_err() { leader = None },
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
             let (next, sources) = current(&inputs);
             reported.check(&inputs, &sources).await;
             tx.send_if_modified(|cur| {
@@ -88,6 +103,15 @@ pub fn spawn(inputs: Inputs) -> (watch::Receiver<Effective>, JoinHandle<()>) {
         }
     });
     (rx, task)
+}
+
+async fn changed_or_never(
+    rx: &mut Option<watch::Receiver<bool>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn log_effective(old: &Effective, new: &Effective) {

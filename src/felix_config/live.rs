@@ -24,6 +24,8 @@ pub struct Inputs {
     /// `--cni-mtu`; 0 = computed.
     pub cni_mtu: u32,
     pub kernel_release: String,
+    /// The datastore's change signal (pools); None: poll the pools every `POLL`.
+    pub changes: Option<watch::Receiver<u64>>,
 }
 
 /// Values the daemon reads.
@@ -84,11 +86,21 @@ pub fn spawn(mut i: Inputs) -> (Outputs, JoinHandle<()>) {
     let (ov_tx, ov_rx) = watch::channel(overlay);
     let task = tokio::spawn(async move {
         loop {
-            // Pools have no change notification here; poll them, and wake early on settings.
+            // Settings wake it; pools through the datastore's change signal, or by polling
+            // without one.
+            let pools_changed = async {
+                match i.changes.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => {
+                        tokio::time::sleep(POLL).await;
+                        true
+                    }
+                }
+            };
             tokio::select! {
                 r = i.effective.changed() => if r.is_err() { return },
                 r = i.host_mtu.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(POLL) => {}
+                ok = pools_changed => if !ok { return },
             }
             let (mtu, overlay) = compute(&i);
             mtu_tx.send_if_modified(|cur| {

@@ -147,6 +147,7 @@ pub async fn start(
         nodes: datastore.view.nodes.clone(),
         client: client.clone(),
         is_leader: election.is_leader.clone(),
+        changes: Some(datastore.view.changes.clone()),
     });
     let log_task = tokio::spawn(follow_log_filter(effective.clone()));
     let listen_task = tokio::spawn(follow_listeners(effective.clone(), listeners));
@@ -164,6 +165,7 @@ pub async fn start(
         pools: datastore.view.ip_pools.clone(),
         cni_mtu: cfg.cni.cni_mtu,
         kernel_release: release,
+        changes: Some(datastore.view.changes.clone()),
     });
     let config = derived.overlay.borrow().clone();
     let overlay_metrics = OverlayMetrics::register(metrics)?;
