@@ -55,6 +55,7 @@ impl Drivers {
             ..ResyncConfig::default()
         };
         let nat_repairs = metrics.drift_repairs.clone();
+        let nat_failures = metrics.failures.clone();
         let pulse = health.register("dataplane/overlay", driver_expect(interval));
         let start_pulse = pulse.clone();
         let start = move |_trigger: Trigger| {
@@ -88,7 +89,10 @@ impl Drivers {
                     }
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    metrics.failures.inc();
+                    Err(e.to_string())
+                }
             };
             overlay_tx.send_replace(Some(result));
         };
@@ -98,7 +102,14 @@ impl Drivers {
         let overlay = health.supervise("dataplane/overlay", Expect::default(), overlay);
         let (nat_tx, nat_outcome) = watch::channel(None);
         let nat_pulse = health.register("dataplane/nat", driver_expect(interval));
-        let nat = tokio::spawn(run_nat(nat, interval, nat_tx, nat_repairs, nat_pulse));
+        let nat = tokio::spawn(run_nat(
+            nat,
+            interval,
+            nat_tx,
+            nat_repairs,
+            nat_pulse,
+            nat_failures,
+        ));
         let nat = health.supervise("dataplane/nat", Expect::default(), nat);
         Drivers {
             overlay,
@@ -132,6 +143,7 @@ async fn run_nat(
     outcome: watch::Sender<Option<Result<(), String>>>,
     repairs: IntCounter,
     pulse: Pulse,
+    failures: IntCounter,
 ) {
     let mut table = NatTable::new();
     loop {
@@ -165,6 +177,9 @@ async fn run_nat(
                 Err(format!("NAT reconcile task failed: {e}"))
             }
         };
+        if result.is_err() {
+            failures.inc();
+        }
         pulse.idle();
         match &result {
             Ok(()) => pulse.recovered(),

@@ -14,6 +14,7 @@ use tokio::task::AbortHandle;
 use crate::health::{Expect, Registry};
 
 use crate::ipam::Ipam;
+use crate::ipam::default_pool::{self, DefaultPool};
 use crate::ipam::gc::cooldown;
 use crate::ipam::gc::local::{self, LocalConfig};
 use crate::ipam::gc::{self, Cluster, GcConfig, GcStatus};
@@ -103,6 +104,34 @@ impl IpamJobs {
                 .map(|(name, task)| health.supervise(name, unbounded, task))
                 .collect(),
         })
+    }
+
+    /// The leader's default pool (`CALICO_IPV4POOL_CIDR`), created when no IPPool exists.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_default_pool(
+        &mut self,
+        client: Client,
+        pool: DefaultPool,
+        node: &str,
+        nodes: Store<Node>,
+        is_leader: watch::Receiver<bool>,
+        stopped: watch::Receiver<bool>,
+        health: &Registry,
+    ) {
+        let task = tokio::spawn(default_pool::run(
+            client,
+            pool,
+            node.to_string(),
+            nodes,
+            is_leader,
+            stopped,
+        ));
+        let unbounded = Expect {
+            stall_after: None,
+            ..Expect::default()
+        };
+        self.tasks
+            .push(health.supervise("leader/default-pool", unbounded, task));
     }
 
     pub fn stop(&self) {

@@ -125,7 +125,7 @@ pub async fn start(
     let ipam = Arc::new(start_ipam(&client, node, shared).await);
     // One Pod watch for the daemon: the GC and the CNI read the same store.
     let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
-    let ipam_jobs = IpamJobs::start(
+    let mut ipam_jobs = IpamJobs::start(
         metrics,
         ipam.clone(),
         client.clone(),
@@ -137,6 +137,17 @@ pub async fn start(
         (pods.clone(), pods_watch),
     )?;
     watch_ipam_health(&ready.health, ipam.clone());
+    if let Some(pool) = cfg.default_pool.clone() {
+        ipam_jobs.start_default_pool(
+            client.clone(),
+            pool,
+            node,
+            datastore.view.nodes.clone(),
+            election.is_leader.clone(),
+            stopped.clone(),
+            &ready.health,
+        );
+    }
 
     // FelixConfiguration merged with the explicit flags (Felix's precedence), live from here;
     // the datastore synced, so start-up already uses the cluster's settings.
@@ -202,6 +213,7 @@ pub async fn start(
         Some(pods),
     )
     .await?;
+    metrics.register("tortie_cni_*", cni.daemon.metrics().clone())?;
     ready
         .cni
         .set_not_ready("CNI socket serving; conflist not written until the first dataplane apply");
