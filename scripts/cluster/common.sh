@@ -20,8 +20,8 @@ INET_GW=$VNET.254
 INET_IP=198.51.100.10
 API_PORT=26443
 ETCD_PORT=22379
-SERVICE_CIDR=10.96.0.0/16
-SERVICE_IP=10.96.0.1
+SERVICE_CIDR=10.0.0.0/16
+SERVICE_IP=10.0.0.1
 # One cgroup (every v1 hierarchy) holds every process of the cluster: control plane,
 # containerd and its shims, kubelets, kube-proxies and all containers. down.sh kills by it.
 CGROUP=tortie-cluster
