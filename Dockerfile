@@ -3,7 +3,9 @@
 # binary, the CNI plugin it installs on the host. Build:
 #   docker build --build-arg VERSION=0.1.0 --build-arg GIT_COMMIT=$(git rev-parse HEAD) \
 #     --build-arg SOURCE_URL=<repository URL> -t tortie .
-# VERSION must match Cargo.toml's version.
+# VERSION must be what `tortie version` prints (Cargo.toml's version; tests/image.rs checks
+# the default below). scripts/image.sh builds the same image without Docker (same packages,
+# same entrypoint, command and labels) and reads the version from the binary itself.
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
@@ -31,11 +33,11 @@ LABEL org.opencontainers.image.title="tortie" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${GIT_COMMIT}"
-# nftables: the policy and NAT driver runs `nft`; iproute2: `ip` for diagnosis in the pod;
-# ca-certificates: TLS to the API server when it is not signed by the cluster CA alone.
+# nftables: the NAT and policy driver runs `nft`; iproute2: `ip` for diagnosis in the pod.
+# (The API server's CA comes from the service account, so no ca-certificates.)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nftables iproute2 ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get install -y --no-install-recommends nftables iproute2 \
+    && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man /usr/share/info /usr/share/locale
 COPY --from=build /tortie /usr/local/bin/tortie
 # Health (/liveness, /readiness) and Prometheus metrics; hostNetwork pods listen on the node.
 EXPOSE 9099 9091
