@@ -3,7 +3,8 @@
 # Shared layout of the local real cluster (sourced by up.sh, down.sh and the e2e wrapper):
 # where its state lives, its namespaces, addresses and cgroups. Everything it creates is
 # named from these, so down.sh can find and remove all of it.
-S=${TORTIE_CLUSTER_DIR:-/run/tortie-cluster}
+# On disk, not under /run: each node mounts its own tmpfs over /run.
+S=${TORTIE_CLUSTER_DIR:-/var/lib/tortie-cluster}
 # A running cluster's node count wins over the default (up.sh records it).
 NODES=${TORTIE_CLUSTER_NODES:-$(cat "$S/nodes" 2>/dev/null || echo 2)}
 PROXY_MODE=${TORTIE_CLUSTER_PROXY_MODE:-iptables}

@@ -51,6 +51,14 @@ for h in $(cgroup_hierarchies); do
   [ -d "$h/$CGROUP" ] && log "cgroup $h/$CGROUP not removed"
 done
 
+# Mount points the nodes had to create on the host (empty: their content was the nodes').
+if [ -f "$S/created-host-paths" ]; then
+  sort -u -r "$S/created-host-paths" | while read -r top; do
+    [ -d "$top" ] && find "$top" -depth -type d -empty -delete
+    [ -e "$top" ] && log "host path $top is not empty: left in place"
+  done
+fi
+
 if [ -d "$S" ]; then
   # The overlay snapshots hold root-owned files only; nothing is mounted under $S by now.
   rm -rf "$S" || log "could not remove $S"

@@ -8,20 +8,28 @@ set -euo pipefail
 dir=$1
 config=$2
 
-# Host paths each node must have for itself. containerd 1.6 keeps shim sockets and FIFOs
-# under /run/containerd whatever its state dir; kubelet and the CNI use the others.
+# A node's own /run (and so /var/run): containerd 1.6 keeps shim sockets and FIFOs under
+# /run/containerd whatever its state dir, iptables locks /run/xtables.lock, and hostPath
+# volumes such as tortie's /var/run/tortie are created there.
+mount -t tmpfs -o mode=0755 tmpfs /run
+# Host paths outside /run that each node must have for itself (kubelet, the CNI, tortie's
+# DaemonSet). A mount point missing on the host is made and recorded, and down.sh removes it.
+created=$dir/../created-host-paths
 private_dirs=(
-  /run/containerd /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni
+  /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni
   /opt/cni/bin /etc/cni/net.d /usr/libexec/kubernetes
-  /var/run/calico /var/lib/calico /var/log/calico /run/tortie /var/lib/tortie
 )
 for p in "${private_dirs[@]}"; do
-  mkdir -p "$p" "$dir/fs$p"
+  top=
+  q=$p
+  while [ ! -e "$q" ]; do top=$q; q=$(dirname "$q"); done
+  if [ -n "$top" ]; then
+    echo "$top" >>"$created"
+    mkdir -p "$p"
+  fi
+  mkdir -p "$dir/fs$p"
   mount --bind "$dir/fs$p" "$p"
 done
-# /var/run is a symlink to /run on Debian: the binds above already cover both spellings.
-touch /run/xtables.lock "$dir/fs/xtables.lock"
-mount --bind "$dir/fs/xtables.lock" /run/xtables.lock
 
 # kubelet with protectKernelDefaults only reads these; files holding the values it wants
 # keep it from failing or from changing the host (they are host-wide, not per netns).

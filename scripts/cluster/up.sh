@@ -30,7 +30,7 @@ AGNHOST_ARCHIVE=$(bash "$here/images.sh" "$BIN")
 # A previous run that was killed may have left its parts: start clean.
 bash "$here/down.sh"
 ok=0
-cleanup() { [ "$ok" = 1 ] || { log "start failed; logs in $S/logs (kept until down.sh)"; cp -a "$S/logs" "/tmp/tortie-cluster-logs" 2>/dev/null; bash "$here/down.sh"; }; }
+cleanup() { [ "$ok" = 1 ] || { log "start failed; logs copied to /tmp/tortie-cluster-logs"; rm -rf /tmp/tortie-cluster-logs; cp -a "$S/logs" /tmp/tortie-cluster-logs 2>/dev/null; bash "$here/down.sh"; }; }
 trap cleanup EXIT
 mkdir -p "$S"/{pki,logs,cp}
 echo "$BIN" >"$S/bin"
