@@ -4,7 +4,8 @@
 # the whole suite with kube-proxy in iptables mode (upstream pod-networking conformance
 # included), the Service check again after kube-proxy switched to nftables, and node
 # deletion last. The cluster is removed on any exit (scripts/cluster/down.sh).
-# Needs root. TORTIE_IMAGE_ARCHIVE skips building tortie's image.
+# Needs root. TORTIE_IMAGE_ARCHIVE skips building tortie's image; TORTIE_E2E_KEEP=1 leaves
+# the cluster running for a look (remove it with scripts/cluster/down.sh).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -14,7 +15,7 @@ cd "$repo"
 
 t0=$SECONDS
 phase() { log "phase $1: $((SECONDS - $2)) s"; }
-trap 'bash scripts/cluster/down.sh' EXIT
+[ "${TORTIE_E2E_KEEP:-0}" = 1 ] || trap 'bash scripts/cluster/down.sh' EXIT
 trap 'exit 130' INT TERM
 
 t=$SECONDS
