@@ -37,13 +37,16 @@ suite=bookworm
 packages=nftables,iproute2
 cache=${TORTIE_CACHE:-$HOME/.cache/tortie}/image
 mkdir -p "$cache"
-key=$(printf '%s\n' "$suite" "$packages" essential v1 | sha256sum | cut -c1-16)
+key=$(printf '%s\n' "$suite" "$packages" essential no-recommends merged-usr-hook v3 | sha256sum | cut -c1-16)
 rootfs=$cache/rootfs-$suite-$key.tar
 if [ ! -s "$rootfs" ]; then
   log "mmdebstrap $suite with $packages -> $rootfs"
-  # variant essential: no apt, no init; docs, man pages and locales left out; no device
-  # nodes (the runtime provides /dev).
+  # variant essential: no apt, no init; /usr merged by mmdebstrap's hook rather than the
+  # usrmerge package (which pulls in perl); no recommended packages; docs, man pages and
+  # locales left out; no device nodes (the runtime provides /dev).
   mmdebstrap --variant=essential --include="$packages" \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+    --aptopt='APT::Install-Recommends "false"' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' \

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::cni::service::CniNodeArgs;
 use crate::datastore::lease;
+use crate::ipam::default_pool::{DefaultPool, DefaultPoolArgs, DefaultPoolError};
 use crate::node::identity::{self, IdentityError};
 
 /// Raw flags of `tortie node` as clap parses them.
@@ -65,6 +66,9 @@ pub struct NodeArgs {
 
     #[command(flatten)]
     pub cni: CniNodeArgs,
+
+    #[command(flatten)]
+    pub default_pool: DefaultPoolArgs,
 }
 
 /// Where the API server credentials come from.
@@ -91,6 +95,8 @@ pub struct NodeConfig {
     pub cni: CniNodeArgs,
     /// The settings above that were given explicitly: they win over FelixConfiguration.
     pub felix_local: crate::felix_config::Local,
+    /// The pool the Lease holder creates when none exists (`CALICO_IPV4POOL_CIDR`).
+    pub default_pool: Option<DefaultPool>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -111,6 +117,8 @@ pub enum ConfigError {
     ZeroResync,
     #[error("TORTIE_LEASE_NAMESPACE must not be empty")]
     EmptyLeaseNamespace,
+    #[error("default pool: {0}")]
+    DefaultPool(#[from] DefaultPoolError),
 }
 
 impl From<IdentityError> for ConfigError {
@@ -171,6 +179,7 @@ impl NodeConfig {
         if args.lease_namespace.is_empty() {
             return Err(ConfigError::EmptyLeaseNamespace);
         }
+        let default_pool = DefaultPool::from_args(&args.default_pool)?;
         Ok(NodeConfig {
             node_name,
             kube,
@@ -183,6 +192,7 @@ impl NodeConfig {
             ipam_gc_grace: Duration::from_secs(args.ipam_gc_grace),
             cni: args.cni,
             felix_local,
+            default_pool,
         })
     }
 }

@@ -103,6 +103,34 @@ impl Condition {
     }
 }
 
+/// `tortie_ready`: 1 while `/readiness` answers 200, 0 while it answers 503, read from the
+/// conditions at each scrape so it never disagrees with the probe.
+pub struct ReadyGauge {
+    readiness: Readiness,
+    gauge: prometheus::IntGauge,
+}
+
+impl ReadyGauge {
+    pub fn new(readiness: Readiness) -> Result<ReadyGauge, prometheus::Error> {
+        let gauge = prometheus::IntGauge::new(
+            "tortie_ready",
+            "1 while the node daemon is ready (its /readiness answers 200), 0 while not.",
+        )?;
+        Ok(ReadyGauge { readiness, gauge })
+    }
+}
+
+impl prometheus::core::Collector for ReadyGauge {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.gauge.set(i64::from(self.readiness.report().is_ok()));
+        self.gauge.collect()
+    }
+}
+
 /// Routes of the health port.
 pub fn health_router(readiness: Readiness) -> Router {
     Router::new()

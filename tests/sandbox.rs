@@ -143,10 +143,51 @@ async fn nodes_reach_the_api_server_and_the_internet_and_down_leaves_nothing() {
     sb.check_running()
         .expect("tortie node processes are running");
 
-    let layout = sb.layout.clone();
     let pids: Vec<u32> = sb.nodes.iter().map(Guarded::pid).collect();
+    for (pid, spec) in pids.iter().zip(&sb.layout.nodes) {
+        runs_as_the_manifest_says(*pid, &spec.name);
+    }
+    let layout = sb.layout.clone();
     drop(sb);
     assert_nothing_left(&layout, &pids);
+}
+
+/// The running `tortie node` (read from /proc) has exactly the manifest's args and
+/// environment, plus only the sandbox's host-specific paths and the image's PATH.
+fn runs_as_the_manifest_says(pid: u32, node: &str) {
+    let m = support::manifest::Manifest::load();
+    let split = |raw: Vec<u8>| -> Vec<String> {
+        raw.split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    };
+    let cmdline = split(std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline"));
+    assert_eq!(cmdline[1..], m.daemon_args()[..], "args of {cmdline:?}");
+    let environ: std::collections::BTreeMap<String, String> =
+        split(std::fs::read(format!("/proc/{pid}/environ")).expect("environ"))
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+    let mut want: std::collections::BTreeMap<String, Option<String>> = m.daemon_env();
+    want.insert("NODENAME".into(), Some(node.to_string()));
+    want.insert(
+        "PATH".into(),
+        Some(sandbox::daemon_env::IMAGE_PATH.to_string()),
+    );
+    for k in sandbox::daemon_env::HOST_SPECIFIC {
+        assert!(
+            !want.contains_key(k),
+            "the manifest sets {k}; the sandbox would override it"
+        );
+        want.insert(k.to_string(), environ.get(k).cloned());
+    }
+    let got: std::collections::BTreeMap<String, Option<String>> =
+        environ.into_iter().map(|(k, v)| (k, Some(v))).collect();
+    assert_eq!(got, want, "environment of tortie node on {node}");
 }
 
 /// Captures frames on bridge ports of the VNet namespace into files while alive.

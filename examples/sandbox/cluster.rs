@@ -15,6 +15,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use super::agent::{Agent, AgentConfig};
+use super::daemon_env;
 use super::layout::{Layout, NodeSpec, POOL_CIDR, POOL_NAME};
 use super::net;
 use super::state::{self, Recorder};
@@ -175,18 +176,21 @@ impl Sandbox {
     }
 
     fn spawn_tortie(&self, tortie: &Path, node: &NodeSpec) -> anyhow::Result<Guarded> {
+        // As manifests/tortie.yaml runs it: its args and environment, nothing inherited; only
+        // the kubeconfig and the host paths (daemon_env::HOST_SPECIFIC) are the sandbox's.
+        let settings = daemon_env::daemon_settings()?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.netns])
             .arg(tortie)
-            .arg("node")
-            .env("NODENAME", &node.name)
+            .args(&settings.args)
+            .env_clear()
+            .env("PATH", daemon_env::IMAGE_PATH)
+            .envs(settings.env.iter().map(|(k, v)| (k, v)))
+            .env(&settings.node_name_var, &node.name)
             .env("KUBECONFIG", self.layout.kubeconfig())
-            .env("TORTIE_HEALTH_ADDR", "0.0.0.0")
-            .env("TORTIE_METRICS_ADDR", "0.0.0.0")
             .env("TORTIE_CNI_BIN_DIR", node.cni_bin_dir())
             .env("TORTIE_CNI_CONF_DIR", node.cni_conf_dir())
-            .env("TORTIE_CNI_SOCKET", node.cni_socket())
-            .env("IP_AUTODETECTION_METHOD", "interface=eth0");
+            .env("TORTIE_CNI_SOCKET", node.cni_socket());
         logged(&mut cmd, &node.dir.join("tortie.log"))?;
         Ok(
             Guarded::spawn(&format!("tortie node ({})", node.name), cmd)?

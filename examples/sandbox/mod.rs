@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod daemon_env;
 pub mod layout;
 pub mod net;
 pub mod pcap;

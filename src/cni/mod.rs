@@ -13,6 +13,7 @@ pub mod error;
 pub mod handlers;
 pub mod install;
 pub mod invocation;
+pub mod metrics;
 pub mod netconf;
 pub mod plugin;
 pub mod plumbing;

@@ -5,6 +5,7 @@ pub mod block;
 pub mod cidr;
 pub mod cli;
 pub mod convert;
+pub mod default_pool;
 mod error;
 pub mod gc;
 pub mod metrics;

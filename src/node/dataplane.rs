@@ -51,6 +51,7 @@ impl Drivers {
             ..ResyncConfig::default()
         };
         let nat_repairs = metrics.drift_repairs.clone();
+        let nat_failures = metrics.failures.clone();
         let report = move |trigger: Trigger, outcome: &Result<ApplyReport, DataplaneError>| {
             let result = match outcome {
                 Ok(r) => {
@@ -70,13 +71,16 @@ impl Drivers {
                     }
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    metrics.failures.inc();
+                    Err(e.to_string())
+                }
             };
             overlay_tx.send_replace(Some(result));
         };
         let overlay = tokio::spawn(resync::run(kernel, monitor, desired, cfg, report));
         let (nat_tx, nat_outcome) = watch::channel(None);
-        let nat = tokio::spawn(run_nat(nat, interval, nat_tx, nat_repairs));
+        let nat = tokio::spawn(run_nat(nat, interval, nat_tx, nat_repairs, nat_failures));
         Drivers {
             overlay,
             nat,
@@ -98,6 +102,7 @@ async fn run_nat(
     interval: Duration,
     outcome: watch::Sender<Option<Result<(), String>>>,
     repairs: IntCounter,
+    failures: IntCounter,
 ) {
     let mut table = NatTable::new();
     loop {
@@ -129,6 +134,9 @@ async fn run_nat(
                 Err(format!("NAT reconcile task failed: {e}"))
             }
         };
+        if result.is_err() {
+            failures.inc();
+        }
         outcome.send_replace(Some(result));
         tokio::select! {
             changed = model.changed() => if changed.is_err() { return },

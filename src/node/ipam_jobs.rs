@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ipam::Ipam;
+use crate::ipam::default_pool::{self, DefaultPool};
 use crate::ipam::gc::cooldown;
 use crate::ipam::gc::local::{self, LocalConfig};
 use crate::ipam::gc::{self, Cluster, GcConfig, GcStatus};
@@ -84,6 +85,26 @@ impl IpamJobs {
                 pods_watch, leader_gc, own_blocks, own_cold, all_cold, defaults,
             ],
         })
+    }
+
+    /// The leader's default pool (`CALICO_IPV4POOL_CIDR`), created when no IPPool exists.
+    pub fn start_default_pool(
+        &mut self,
+        client: Client,
+        pool: DefaultPool,
+        node: &str,
+        nodes: Store<Node>,
+        is_leader: watch::Receiver<bool>,
+        stopped: watch::Receiver<bool>,
+    ) {
+        self.tasks.push(tokio::spawn(default_pool::run(
+            client,
+            pool,
+            node.to_string(),
+            nodes,
+            is_leader,
+            stopped,
+        )));
     }
 
     pub fn stop(&self) {

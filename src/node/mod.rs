@@ -94,6 +94,13 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 
     let metrics = Metrics::new(&BuildInfo::CURRENT)?;
     let readiness = Readiness::default();
+    let ready_gauge = http::ReadyGauge::new(readiness.clone()).map_err(|source| {
+        crate::metrics::MetricsError::Register {
+            name: "tortie_ready",
+            source,
+        }
+    })?;
+    metrics.register("tortie_ready", ready_gauge)?;
     let ready = startup::Conditions::new(&readiness);
     let (stop, stopped) = stop_channel::channel(false);
     let mut servers = JoinSet::new();

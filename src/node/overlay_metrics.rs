@@ -13,6 +13,9 @@ pub struct OverlayMetrics {
     pub hosts: IntGauge,
     routes: IntGaugeVec,
     pub apply_seconds: Histogram,
+    /// Felix's `felix_int_dataplane_failures`: passes (overlay or NAT) that failed and will
+    /// be retried.
+    pub failures: IntCounter,
     pub drift_repairs: IntCounter,
     pub host_mtu: IntGauge,
     pub pod_mtu: IntGauge,
@@ -54,6 +57,11 @@ impl OverlayMetrics {
             ),
         )
         .map_err(register_err("felix_int_dataplane_apply_time_seconds"))?;
+        let failures = IntCounter::new(
+            "felix_int_dataplane_failures",
+            "Dataplane passes (overlay or NAT table) that failed and will be retried.",
+        )
+        .map_err(register_err("felix_int_dataplane_failures"))?;
         let drift_repairs = IntCounter::new(
             "tortie_dataplane_drift_repairs_total",
             "Kernel objects re-added, replaced or removed because something outside tortie changed them.",
@@ -72,6 +80,7 @@ impl OverlayMetrics {
             "felix_int_dataplane_apply_time_seconds",
             apply_seconds.clone(),
         )?;
+        metrics.register("felix_int_dataplane_failures", failures.clone())?;
         metrics.register(
             "tortie_dataplane_drift_repairs_total",
             drift_repairs.clone(),
@@ -82,6 +91,7 @@ impl OverlayMetrics {
             hosts,
             routes,
             apply_seconds,
+            failures,
             drift_repairs,
             host_mtu,
             pod_mtu,

@@ -114,7 +114,7 @@ pub async fn start(
     wait_synced(&datastore).await?;
     let election = start_election(&client, cfg, stopped.clone())?;
     let ipam = Arc::new(start_ipam(&client, node).await);
-    let ipam_jobs = IpamJobs::start(
+    let mut ipam_jobs = IpamJobs::start(
         metrics,
         ipam.clone(),
         client.clone(),
@@ -123,6 +123,16 @@ pub async fn start(
         cfg.ipam_gc_grace,
         stopped.clone(),
     )?;
+    if let Some(pool) = cfg.default_pool.clone() {
+        ipam_jobs.start_default_pool(
+            client.clone(),
+            pool,
+            node,
+            datastore.view.nodes.clone(),
+            election.is_leader.clone(),
+            stopped.clone(),
+        );
+    }
 
     // FelixConfiguration merged with the explicit flags (Felix's precedence), live from here;
     // the datastore synced, so start-up already uses the cluster's settings.
@@ -176,6 +186,7 @@ pub async fn start(
     let resync_interval = effective.borrow().route_refresh;
 
     let cni = CniService::start(&cfg.cni, node, pod_mtu, client, ipam, stopped.clone()).await?;
+    metrics.register("tortie_cni_*", cni.daemon.metrics().clone())?;
     ready
         .cni
         .set_not_ready("CNI socket serving; conflist not written until the first dataplane apply");

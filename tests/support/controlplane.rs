@@ -27,6 +27,18 @@ const START_ATTEMPTS: usize = 3;
 const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// etcd + kube-apiserver for one test; both are stopped and their files removed on Drop.
+/// The user whose requests kube-apiserver audits: the manifest's service account.
+pub const AUDITED_USER: &str = "system:serviceaccount:kube-system:tortie-node";
+const AUDIT_LOG: &str = "audit.log";
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    users: ["system:serviceaccount:kube-system:tortie-node"]
+  - level: None
+"#;
+
 pub struct ControlPlane {
     apiserver: Guarded,
     etcd: Guarded,
@@ -153,6 +165,8 @@ impl ControlPlane {
             ),
         )?;
 
+        write(d, "audit-policy.yaml", AUDIT_POLICY)?;
+
         let mut etcd_cmd = Command::new(bin.join("etcd"));
         etcd_cmd
             .arg("--name=tortie-test")
@@ -195,7 +209,13 @@ impl ControlPlane {
             .arg("--allow-privileged=true")
             .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--profiling=false")
-            .arg("--enable-priority-and-fairness=false");
+            .arg("--enable-priority-and-fairness=false")
+            // Requests of the manifest's service account only (tests/rbac.rs reads them); every
+            // other user is not audited, so other tests pay nothing for it.
+            .arg(format!("--audit-policy-file={}", p("audit-policy.yaml")))
+            .arg(format!("--audit-log-path={}", p(AUDIT_LOG)))
+            .arg("--audit-log-format=json")
+            .arg("--audit-log-mode=blocking");
         let apiserver = Guarded::spawn(
             "kube-apiserver",
             logged(api_cmd, &d.join("kube-apiserver.log"))?,
@@ -312,6 +332,11 @@ impl ControlPlane {
     }
 
     /// The temp dir holding certificates, kubeconfigs, logs and etcd's data.
+    /// kube-apiserver's audit log (JSON lines): requests of `AUDITED_USER` only.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join(AUDIT_LOG)
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -7,6 +7,7 @@ pub mod binaries;
 pub mod cni;
 pub mod controlplane;
 pub mod credentials;
+pub mod manifest;
 pub mod netns;
 pub mod pods;
 pub mod pools;

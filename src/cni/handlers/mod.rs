@@ -132,6 +132,7 @@ pub struct CniDaemon {
     plumber: Plumber,
     locks: ContainerLocks,
     ready: AtomicBool,
+    metrics: crate::cni::metrics::CniMetrics,
 }
 
 impl CniDaemon {
@@ -149,7 +150,13 @@ impl CniDaemon {
             plumber,
             locks: ContainerLocks::default(),
             ready: AtomicBool::new(false),
+            metrics: crate::cni::metrics::CniMetrics::default(),
         }
+    }
+
+    /// Requests and their durations; the node registers them with its metrics.
+    pub fn metrics(&self) -> &crate::cni::metrics::CniMetrics {
+        &self.metrics
     }
 
     /// STATUS and ADD answer "not ready" until this is set (IPAM synced, socket serving).
@@ -180,7 +187,10 @@ impl CniDaemon {
             // The plugin answers VERSION itself; a daemon asked anyway has nothing to add.
             Command::Version => Ok(None),
         };
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics
+            .observe(command.as_str(), outcome.is_ok(), elapsed);
+        let elapsed_ms = elapsed * 1000.0;
         let container = request.container_id.as_deref().unwrap_or("");
         match outcome {
             Ok(result) => {
