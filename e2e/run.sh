@@ -207,12 +207,13 @@ check_metrics() {
 }
 
 check_rollout() {
-  # A TCP connection (one line every 0.2 s) and a ping, pod on n1 to pod on n2, across the
-  # rolling update of every tortie pod to a new image tag.
+  # A TCP connection (a numbered line every 0.2 s) and a ping, pod on n1 to pod on n2, across
+  # the rolling update of every tortie pod to a new image tag. busybox's nc, as upstream's
+  # agnhost image (Alpine) has busybox too.
   k apply -f - >/dev/null <<EOF
 {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tcp-server", "namespace": "$ns"},
  "spec": {"nodeName": "$n2", "terminationGracePeriodSeconds": 1, "restartPolicy": "Never",
-   "containers": [{"name": "c", "image": "$agnhost", "command": ["/bin/sh", "-c", "sleep 3600 | nc -l -p 9000 > /tmp/received; echo closed; sleep 3600"]}]}}
+   "containers": [{"name": "c", "image": "$agnhost", "command": ["/bin/sh", "-c", "sleep 3600 | busybox nc -l -p 9000 > /tmp/received; echo closed; sleep 3600"]}]}}
 EOF
   wait_running "$ns" tcp-server || return 1
   local server
@@ -221,13 +222,16 @@ EOF
 {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tcp-client", "namespace": "$ns"},
  "spec": {"nodeName": "$n1", "terminationGracePeriodSeconds": 1, "restartPolicy": "Never",
    "containers": [{"name": "c", "image": "$agnhost", "command": ["/bin/sh", "-c",
-     "ping $server > /tmp/ping & (i=0; while true; do i=\$((i+1)); echo \$i; sleep 0.2; done) | nc $server 9000; echo broken > /tmp/broken; sleep 3600"]}]}}
+     "ping $server > /tmp/ping & (i=0; while true; do i=\$((i+1)); echo \$i; sleep 0.2; done) | busybox nc $server 9000; echo broken > /tmp/broken; sleep 3600"]}]}}
 EOF
   wait_running "$ns" tcp-client || return 1
   sleep 3
+  received() { in_pod "$ns" tcp-server cat /tmp/received; }
+  # Lines 1..n, each once and in order: a reset or a new connection would break the count.
+  in_order() { awk 'NR != $1 {print "line " NR " reads " $1; bad = 1; exit} END {if (!bad) print NR; exit bad}'; }
   local before
-  before=$(in_pod "$ns" tcp-server wc -l /tmp/received | awk '{print $1}')
-  [ "${before:-0}" -gt 5 ] || fail "the TCP connection carries nothing before the update ($before lines)" || return 1
+  before=$(received | in_order) || fail "TCP stream out of order before the update: $before" || return 1
+  [ "$before" -gt 5 ] || fail "the TCP connection carries nothing before the update ($before lines)" || return 1
   local t0=$SECONDS
   log "rolling update of ds/tortie-node to $image2 (connection carried $before lines so far)"
   k -n kube-system set image ds/tortie-node "tortie-node=$image2" >/dev/null
@@ -236,23 +240,21 @@ EOF
   imgs=$(k -n kube-system get pods -l k8s-app=tortie-node -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | sort -u)
   [ "$imgs" = "$image2" ] || fail "tortie pods run $imgs after the rollout" || return 1
   log "FIGURE rollout: $((SECONDS - t0)) s"
+  local mid after
+  mid=$(received | in_order) || fail "TCP stream broken by the update: $mid" || return 1
   sleep 3
   in_pod "$ns" tcp-client sh -c '! test -e /tmp/broken' || fail "the TCP connection broke during the rolling update" || return 1
-  local after lines
-  after=$(in_pod "$ns" tcp-server wc -l /tmp/received | awk '{print $1}')
-  lines=$(in_pod "$ns" tcp-server tail -n 1 /tmp/received)
-  [ "$after" -gt "$before" ] || fail "no data over the TCP connection after the update" || return 1
-  # Numbered lines: none lost or reordered (TCP would retransmit, but a reset loses them).
-  [ "$lines" = "$after" ] || fail "server got $after lines but the last is $lines" || return 1
-  local received
+  after=$(received | in_order) || fail "TCP stream broken after the update: $after" || return 1
+  [ "$after" -gt "$mid" ] || fail "no data over the TCP connection after the update ($mid then $after lines)" || return 1
+  local summary
   # shellcheck disable=SC2016 # expanded in the pod
   in_pod "$ns" tcp-client sh -c 'kill -INT $(pidof ping)' || true
   sleep 1
-  received=$(in_pod "$ns" tcp-client sh -c 'grep "packets transmitted" /tmp/ping')
-  log "TCP: $after lines in order over one connection; ping: $received"
+  summary=$(in_pod "$ns" tcp-client sh -c 'grep "packets transmitted" /tmp/ping')
+  log "TCP: $after lines in order over one connection; ping: $summary"
   local tx rx
-  tx=$(awk '{print $1}' <<<"$received")
-  rx=$(awk '{print $4}' <<<"$received")
+  tx=$(awk '{print $1}' <<<"$summary")
+  rx=$(awk '{print $4}' <<<"$summary")
   [ -n "$tx" ] && [ "$tx" -gt 0 ] || fail "no ping summary" || return 1
   # The last ping may be in flight when it is stopped.
   [ $((tx - rx)) -le 1 ] || fail "ping lost $((tx - rx)) of $tx during the rolling update" || return 1
