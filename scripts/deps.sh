@@ -2,7 +2,8 @@
 # The Debian packages the tests and the sandbox run (ping, nft, ip, conntrack, the CNI
 # reference plugins, ...). Sourced by .ci/run, scripts/test.sh and scripts/run.sh: installs
 # what is missing when it can (root with apt-get), otherwise stops with the exact command.
-tortie_apt_packages=(iproute2 nftables iputils-ping conntrack tcpdump iperf3 openssl jq ca-certificates procps containernetworking-plugins ethtool shellcheck prometheus mmdebstrap umoci)
+tortie_apt_packages=(iproute2 nftables iputils-ping conntrack tcpdump iperf3 openssl jq ca-certificates procps containernetworking-plugins ethtool shellcheck prometheus mmdebstrap umoci
+  containerd runc iptables curl util-linux)
 
 tortie_ensure_deps() {
   local missing=() p

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests, and the integration tests
-# against a real kube-apiserver + etcd and real network namespaces (needs root).
+# against a real kube-apiserver + etcd and real network namespaces (needs root), then the
+# e2e suite on a local real cluster (e2e/local.sh; TORTIE_E2E=0 leaves it out).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -8,8 +9,22 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=deps.sh
 . scripts/deps.sh
 tortie_ensure_deps
+phase_start=$SECONDS
+phase() { echo "[test] phase $1: $((SECONDS - phase_start)) s" >&2; phase_start=$SECONDS; }
 export TORTIE_CONTROLPLANE_BIN=${TORTIE_CONTROLPLANE_BIN:-$(bash scripts/controlplane/build.sh)}
+[ "${TORTIE_E2E:-1}" = 0 ] || bash scripts/cluster/build.sh >/dev/null
+phase "Go builds"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+phase "fmt and clippy"
+cargo test --all-targets --locked --no-run
+phase "cargo build"
+cargo test --lib --bins --locked
+phase unit
+cargo test --locked --test "*" --benches --examples
+phase integration
+if [ "${TORTIE_E2E:-1}" != 0 ]; then
+  bash e2e/local.sh
+  phase "e2e (local cluster)"
+fi

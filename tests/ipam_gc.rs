@@ -552,6 +552,53 @@ async fn leader_releases_blocks_and_affinities_of_deleted_nodes() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn a_node_deleted_while_leading_frees_its_blocks_before_the_next_timed_pass()
+-> anyhow::Result<()> {
+    let cp = ControlPlane::start().await?;
+    let client = cp.client();
+    no_cooldown(&client).await?;
+    create_pool(&client, "dl-pool", "10.82.0.0/24", 28).await?;
+    cp.create_node("stays", &[]).await?;
+    cp.create_node("goes", &[]).await?;
+    {
+        let goes = Ipam::start(client.clone(), "goes", SYNC).await?;
+        let attrs = pod_attrs("goes", "ghost", "u-ghost");
+        assign(&goes, &pod_handle("ghost"), attrs, &[]).await?;
+        goes.assign_tunnel_addr(TunnelKind::Vxlan, Family::V4)
+            .await?;
+    }
+    assert_eq!(blocks_of(&client, "goes").await?.len(), 1);
+    // Passes an hour apart: only the first, at leadership, runs within the test.
+    let cfg = GcConfig {
+        grace: Duration::from_secs(3_600),
+        interval: Duration::from_secs(3_600),
+    };
+    let stays = Daemon::start(&client, "stays", "gc-dl", cfg).await?;
+    stays.wait_leader().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        blocks_of(&client, "goes").await?.len(),
+        1,
+        "a live node keeps its block"
+    );
+    let deleted_at = Instant::now();
+    Api::<Node>::all(client.clone())
+        .delete("goes", &DeleteParams::default())
+        .await?;
+    wait_until("the deleted node's block and affinity are gone", || async {
+        Ok(blocks_of(&client, "goes").await?.is_empty()
+            && affinities_of(&client, "goes").await?.is_empty())
+    })
+    .await?;
+    assert!(held(&client).await?.is_empty());
+    eprintln!(
+        "blocks of a deleted node freed {:?} after its deletion",
+        deleted_at.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn idle_blocks_are_given_back_except_the_last_used() -> anyhow::Result<()> {
     const GRACE: Duration = Duration::from_secs(3);
     let cp = ControlPlane::start().await?;

@@ -32,6 +32,10 @@ use super::IpamError;
 use super::metrics::{UNKNOWN_NODE, pool_label};
 use crate::datastore::reflect;
 
+/// First delay of the extra passes that follow a node's deletion (doubles while its blocks
+/// stay, up to the pass interval).
+const DELETED_NODE_RETRY: Duration = Duration::from_secs(5);
+
 /// Calico's default `leakGracePeriod`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
 
@@ -191,11 +195,19 @@ pub async fn run(
         tracing::info!(grace = ?gc.cfg.grace, "leading IPAM garbage collection");
         let mut tick = tokio::time::interval(gc.cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = DELETED_NODE_RETRY;
         loop {
             let woke = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => Wake::Shutdown,
                 _ = is_leader.wait_for(|l| !*l) => Wake::Lost,
                 _ = tick.tick() => Wake::Tick,
+                () = gc.deleted_node_with_blocks(retry) => Wake::Tick,
+            };
+            // Backs off while a deleted node's block stays (its pods not yet gone, cooldown).
+            retry = if gc.deleted_nodes_hold_blocks() {
+                (retry * 2).min(gc.cfg.interval)
+            } else {
+                DELETED_NODE_RETRY
             };
             match woke {
                 Wake::Shutdown => return,
@@ -254,6 +266,29 @@ struct Live {
 impl LeaderGc {
     fn node_cached(&self, name: &str) -> bool {
         self.nodes.get(&ObjectRef::new(name)).is_some()
+    }
+
+    /// Whether a block is affine to a node the node cache no longer has.
+    fn deleted_nodes_hold_blocks(&self) -> bool {
+        let hosts: BTreeSet<String> = self.ipam.with_view(|v| {
+            v.blocks
+                .values()
+                .filter_map(|b| Some(b.block.host()?.to_string()))
+                .collect()
+        });
+        hosts.iter().any(|h| !h.is_empty() && !self.node_cached(h))
+    }
+
+    /// Completes once a block belongs to a deleted node, checked every `every`: Calico's node
+    /// controller frees a deleted node's blocks on the event, not at the next timed pass
+    /// (half the grace period, 7.5 minutes by default).
+    async fn deleted_node_with_blocks(&self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if self.deleted_nodes_hold_blocks() {
+                return;
+            }
+        }
     }
 
     async fn pass(&mut self) {
