@@ -13,5 +13,6 @@ pub mod http;
 pub mod ipam;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod selector;
 pub mod telemetry;
