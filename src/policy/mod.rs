@@ -5,7 +5,7 @@
 //! `tortie policy explain` share. No I/O here; the CLI and the daemon feed it objects.
 
 pub mod calico;
-
+pub mod cli;
 pub mod cluster;
 pub mod diagnostic;
 pub mod endpoint;
