@@ -197,7 +197,7 @@ async fn up(tortie: PathBuf, nodes: u8, dir: PathBuf, api_port: u16) -> anyhow::
     let outcome = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
-            _ = poll.tick() => if let Err(e) = sb.check_running() { break Err(e) },
+            _ = poll.tick() => if let Err(e) = sb.supervise() { break Err(e) },
         }
     };
     println!("stopping: agents, tortie nodes, kube-apiserver, etcd; removing namespaces and files");
@@ -205,7 +205,33 @@ async fn up(tortie: PathBuf, nodes: u8, dir: PathBuf, api_port: u16) -> anyhow::
     outcome
 }
 
+/// The demo's tools, each with its Debian package: a missing one is named up front instead of
+/// showing up as a FAIL of every ping.
+const DEMO_TOOLS: [(&str, &str); 3] = [
+    ("ping", "iputils-ping"),
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+];
+
+fn missing_tools() -> Vec<(&'static str, &'static str)> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    DEMO_TOOLS
+        .into_iter()
+        .filter(|(tool, _)| !std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
+        .collect()
+}
+
 async fn demo(dir: &std::path::Path, keep: bool) -> anyhow::Result<()> {
+    let missing = missing_tools();
+    if !missing.is_empty() {
+        let tools: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
+        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        anyhow::bail!(
+            "the demo needs {} (not on PATH); install with: apt-get install -y {}",
+            tools.join(", "),
+            packages.join(" ")
+        );
+    }
     let st = state::load(&dir.join("state.json"))?.with_context(|| {
         format!(
             "no sandbox in {}: run `scripts/run.sh` first",

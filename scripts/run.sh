@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 [ "$(id -u)" = 0 ] || { echo "run as root (the sandbox creates network namespaces)" >&2; exit 1; }
+# shellcheck source=deps.sh
+. scripts/deps.sh
+tortie_ensure_deps
 cmd=${1:-up}
 [ $# -gt 0 ] && shift
 case "$cmd" in

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 [ "$(id -u)" = 0 ] || { echo "the integration tests create network namespaces: run as root" >&2; exit 1; }
+# shellcheck source=deps.sh
+. scripts/deps.sh
+tortie_ensure_deps
 export TORTIE_CONTROLPLANE_BIN=${TORTIE_CONTROLPLANE_BIN:-$(bash scripts/controlplane/build.sh)}
 
 cargo fmt --all -- --check

@@ -35,6 +35,9 @@ pub enum HttpError {
 #[derive(Clone, Default)]
 pub struct Readiness {
     conditions: Arc<Mutex<Vec<ConditionState>>>,
+    /// The long-running loops: each one's stall, failure or end revokes readiness, and a
+    /// vital loop's stall or any loop's end fails liveness.
+    pub health: crate::health::Registry,
 }
 
 /// A condition's name, and `None` when ready or `Some(reason)` when not.
@@ -60,11 +63,12 @@ impl Readiness {
 
     /// `Ok` when every condition is ready, else the reasons of those that are not, one a line.
     pub fn report(&self) -> Result<(), String> {
-        let reasons: Vec<String> = self
+        let mut reasons: Vec<String> = self
             .lock()
             .iter()
             .filter_map(|(_, reason)| reason.clone())
             .collect();
+        reasons.extend(self.health.readiness());
         if reasons.is_empty() {
             Ok(())
         } else {
@@ -106,10 +110,20 @@ impl Condition {
 /// Routes of the health port.
 pub fn health_router(readiness: Readiness) -> Router {
     Router::new()
-        // Answering at all proves the runtime and the listener work.
-        .route("/liveness", get(|| async { (StatusCode::OK, "ok\n") }))
+        // Answering proves the runtime and the listener work; the loops say the rest.
+        .route("/liveness", get(liveness_handler))
         .route("/readiness", get(readiness_handler))
         .with_state(readiness)
+}
+
+async fn liveness_handler(State(readiness): State<Readiness>) -> Response {
+    let problems = readiness.health.liveness();
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        let text = problems.join("\n");
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{text}\n")).into_response()
+    }
 }
 
 async fn readiness_handler(State(readiness): State<Readiness>) -> Response {

@@ -576,3 +576,59 @@ fn pool_change_replaces_the_table_without_cutting_open_connections() -> Result<(
     }
     Ok(())
 }
+
+#[test]
+fn a_pools_nat_outgoing_toggle_changes_one_set_element_not_the_table() -> Result<()> {
+    const POD_D: &str = "10.250.0.9";
+    let bed = Bed::new(&[POD_D])?;
+    let pod = &bed.pods[0];
+    let internet = PeerServer::start(&bed.inet, INET_IP)?;
+    let with = |nat_outgoing| {
+        desired_nat(
+            &pools(&[("10.250.0.0/16", nat_outgoing)]),
+            NatSettings {
+                vxlan_port: 4789,
+                vxlan_enabled: true,
+            },
+        )
+    };
+    let mut table = NatTable::new();
+    assert_eq!(bed.reconcile(&mut table, &with(false))?.0, Outcome::Created);
+    assert!(
+        Client::connect(pod, internet.addr, Duration::from_millis(800)).is_err(),
+        "not masqueraded yet: the internet has no route back"
+    );
+    let before = table.driver.transactions().count();
+
+    assert_eq!(bed.reconcile(&mut table, &with(true))?.0, Outcome::Updated);
+    let applied: Vec<String> = table
+        .driver
+        .transactions()
+        .skip(before)
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        applied,
+        [format!(
+            "add element inet {} {} {{ 10.250.0.0/16 }}\n",
+            nft::TABLE,
+            nft::MASQ_POOLS_V4
+        )],
+        "one transaction, one element"
+    );
+    assert_eq!(seen_ip(pod, &internet)?, NODE_IP, "masqueraded now");
+
+    assert_eq!(bed.reconcile(&mut table, &with(false))?.0, Outcome::Updated);
+    let last = table.driver.transactions().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        format!(
+            "delete element inet {} {} {{ 10.250.0.0/16 }}\n",
+            nft::TABLE,
+            nft::MASQ_POOLS_V4
+        )
+    );
+    // The kernel agrees with what the driver believes: a drift check finds nothing.
+    assert_eq!(bed.reconcile(&mut table, &with(false))?.0, Outcome::InSync);
+    Ok(())
+}

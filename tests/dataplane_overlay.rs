@@ -20,7 +20,7 @@ use tortie::calc::{
 };
 use tortie::dataplane::monitor::{Changed, Monitor};
 use tortie::dataplane::resync::{self, ResyncConfig, Trigger};
-use tortie::dataplane::{self, ApplyReport, DataplaneError, Kernel, links};
+use tortie::dataplane::{self, ApplyReport, Kernel, links};
 
 const POD1: &str = "10.244.1.5";
 const POD2: &str = "10.244.2.5";
@@ -511,7 +511,10 @@ async fn removing_a_node_removes_its_routes_neighbour_and_fdb_entry() -> Result<
     Ok(())
 }
 
+// The degraded path (no ipip module, as on this machine) is node_overlay.rs's
+// missing_ipip_is_one_error_and_everything_else_runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kernel with ipip (run with --ignored where it has the module)"]
 async fn ipip_routes_go_through_tunl0_where_the_kernel_has_ipip() -> Result<()> {
     let bed = Bed::new().await?;
     let v1 = view("n1", EncapMode::Never, EncapMode::Always);
@@ -524,25 +527,7 @@ async fn ipip_routes_go_through_tunl0_where_the_kernel_has_ipip() -> Result<()> 
         },
     );
 
-    // The links driver names what is missing...
-    match links::reconcile(&bed.n1.kernel, &desired).await {
-        Err(e @ DataplaneError::MissingKernelFeature { module, .. }) => {
-            assert_eq!(module, "ipip");
-            // ...and a full apply degrades instead of failing: the rest is still applied,
-            // the tunl0 route is skipped rather than pointed elsewhere.
-            let r = dataplane::apply(&bed.n1.kernel, &desired).await?;
-            assert_eq!(r.degraded.len(), 1, "{r:?}");
-            assert_eq!(
-                (r.routes.skipped, r.routes.added),
-                (1, 1),
-                "blackhole applied: {r:?}"
-            );
-            eprintln!("SKIP ipip_routes_go_through_tunl0: {e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-        Ok(_) => {}
-    }
+    links::reconcile(&bed.n1.kernel, &desired).await?;
     let v2 = ClusterView {
         local_node: "n2".into(),
         ..v1.clone()

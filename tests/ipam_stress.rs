@@ -39,9 +39,10 @@ const SYNC: Duration = Duration::from_secs(60);
 /// In a child: allocate PER_NODE addresses concurrently as node `$TORTIE_IPAM_STRESS_NODE`
 /// and print one `ALLOC <addr> <handle>` line each. In the parent run: nothing.
 #[tokio::test]
+#[ignore = "helper process, run by the stress tests in this file with --ignored"]
 async fn child_allocator() -> anyhow::Result<()> {
     let Ok(node) = std::env::var(CHILD_ENV) else {
-        return Ok(());
+        anyhow::bail!("a helper process: the tests in this file run it with {CHILD_ENV} set");
     };
     let path = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
     let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
@@ -142,6 +143,7 @@ async fn twenty_allocator_processes_never_hand_out_an_address_twice() -> anyhow:
             Command::new(&exe)
                 .args([
                     "--exact",
+                    "--ignored",
                     "child_allocator",
                     "--nocapture",
                     "--test-threads=1",
@@ -296,6 +298,7 @@ fn spawn_child(
     }
     cmd.args([
         "--exact",
+        "--ignored",
         "child_allocator",
         "--nocapture",
         "--test-threads=1",

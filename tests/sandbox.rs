@@ -506,3 +506,67 @@ impl Drop for TeardownOnDrop {
         }
     }
 }
+
+/// As kubelet restarts a DaemonSet pod, the sandbox restarts a `tortie node` that died: one
+/// SIGKILLed in the middle of a burst of pod creations comes back, and every pod ends up
+/// with an address of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_daemon_killed_during_a_pod_burst_is_restarted_and_no_address_is_shared() {
+    const PODS: usize = 24;
+    let mut sb = start(2).await;
+    let client = sb.client().await.expect("client");
+    let layout = sb.layout.clone();
+    let names: Vec<(String, String)> = (0..PODS)
+        .map(|i| (format!("burst-{i}"), layout.nodes[i % 2].name.clone()))
+        .collect();
+    let creator = {
+        let (client, names) = (client.clone(), names.clone());
+        tokio::spawn(async move {
+            for (name, node) in &names {
+                pods::create_pod(&client, POD_NS, name, node)
+                    .await
+                    .expect("create pod");
+            }
+        })
+    };
+    // Mid-burst: the first node's daemon is killed without a chance to clean up.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let victim = sb.nodes[0].pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL tortie node");
+    creator.await.expect("pod creation");
+
+    let mut ips = std::collections::BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while ips.len() < PODS {
+        sb.supervise().expect("supervise");
+        for (name, _) in &names {
+            if ips.contains_key(name) {
+                continue;
+            }
+            if let Ok(ip) = pods::wait_pod_ip(&client, POD_NS, name, Duration::from_millis(1)).await
+            {
+                ips.insert(name.clone(), ip);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {PODS} pods got an address; node-1 log:\n{}",
+            ips.len(),
+            sandbox::cluster::tail(&layout.nodes[0].dir.join("tortie.log"))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(sb.restarts >= 1, "the killed daemon was not restarted");
+    assert!(pid_alive(sb.nodes[0].pid()), "the restarted daemon runs");
+    let unique: std::collections::BTreeSet<Ipv4Addr> = ips.values().copied().collect();
+    assert_eq!(
+        unique.len(),
+        PODS,
+        "an address was handed out twice: {ips:?}"
+    );
+    assert!(ips.values().all(|ip| in_pool(*ip)), "{ips:?}");
+}

@@ -41,6 +41,10 @@ pub struct Sandbox {
     )>,
     proxy: Option<tokio::task::JoinHandle<()>>,
     rec: Recorder,
+    /// The `tortie` binary, to restart a node daemon that exited.
+    tortie: PathBuf,
+    /// Node daemons restarted so far (kubelet's restart count).
+    pub restarts: usize,
 }
 
 impl Sandbox {
@@ -70,6 +74,8 @@ impl Sandbox {
             agent_threads: Vec::new(),
             proxy: None,
             rec,
+            tortie: tortie.to_path_buf(),
+            restarts: 0,
         };
         // From here on Drop tears down whatever exists.
         net::build(&layout, &mut sb.rec)?;
@@ -121,6 +127,33 @@ impl Sandbox {
                 .with_context(|| format!("agent on {}", node.name))?;
         }
         Ok(())
+    }
+
+    /// What kubelet does for a DaemonSet pod: a `tortie node` that exited (crashed, killed)
+    /// is started again with the same settings; names the nodes restarted. Agents that exited
+    /// are still an error (they stand in for kubelet itself).
+    pub fn supervise(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut restarted = Vec::new();
+        for i in 0..self.nodes.len() {
+            let Err(e) = self.nodes[i].check_running() else {
+                continue;
+            };
+            let node = self.layout.nodes[i].clone();
+            eprintln!(
+                "{e:#}; restarting it as kubelet restarts a DaemonSet pod; log tail:\n{}",
+                tail(&node.dir.join("tortie.log"))
+            );
+            let daemon = self.spawn_tortie(&self.tortie, &node)?;
+            self.rec.pid(daemon.pid())?;
+            self.nodes[i] = daemon;
+            self.restarts += 1;
+            restarted.push(node.name.clone());
+        }
+        for (g, node) in self.agents.iter_mut().zip(&self.layout.nodes) {
+            g.check_running()
+                .with_context(|| format!("agent on {}", node.name))?;
+        }
+        Ok(restarted)
     }
 
     async fn start_proxy(&mut self) -> anyhow::Result<u16> {

@@ -19,6 +19,7 @@ pub mod rule;
 pub mod stagedglobalnetworkpolicy;
 pub mod stagedkubernetesnetworkpolicy;
 pub mod stagednetworkpolicy;
+pub mod vocab;
 
 pub use blockaffinity::{AffinityState, AffinityType, BlockAffinity, BlockAffinitySpec};
 pub use clusterinformation::{ClusterInformation, ClusterInformationSpec};

@@ -2,8 +2,6 @@
 //! blocks, borrowed addresses) to the dataplane the local node should have (VXLAN/IPIP devices,
 //! neighbours, FDB entries, routes), plus the set diff the drivers apply. No I/O here.
 
-pub mod desired;
-pub mod diff;
 pub mod mtu;
 pub mod nat;
 pub mod offload;
@@ -11,10 +9,10 @@ pub mod overlay;
 pub mod view;
 pub mod vtep;
 
-pub use desired::{
+pub use crate::desired::{Changes, diff};
+pub use crate::desired::{
     DesiredDataplane, DeviceRef, IpipDevice, Mac, RouteKey, RouteKind, RouteTarget, VxlanDevice,
     WantedRoute,
 };
-pub use diff::{Changes, diff};
 pub use overlay::{OverlayConfig, desired_dataplane};
 pub use view::{BlockInfo, BorrowedAddr, ClusterView, EncapMode, NodeInfo, PoolInfo};

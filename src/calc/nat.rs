@@ -20,27 +20,7 @@ pub struct NatPool {
     pub disabled: bool,
 }
 
-/// An inclusive port range, as `masquerade to :first-last` takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-/// The NAT table's desired contents. Prefix lists are sorted and free of overlaps, so they
-/// load into interval sets as they are and compare equal to what the kernel lists back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatModel {
-    pub masq_pools_v4: Vec<Ipv4Net>,
-    pub all_pools_v4: Vec<Ipv4Net>,
-    pub masq_pools_v6: Vec<Ipv6Net>,
-    pub all_pools_v6: Vec<Ipv6Net>,
-    /// Where masqueraded UDP may take its source port: never the VXLAN port (Calico bug
-    /// #12244: a reply to that port would hit the VXLAN NOTRACK rule and be lost).
-    pub udp_masq_ports: PortRange,
-    /// The UDP destination port exempt from conntrack (VXLAN's), when VXLAN is on.
-    pub notrack_udp_port: Option<u16>,
-}
+pub use crate::desired::nat::{NatModel, PortRange};
 
 /// Settings NAT outgoing takes from outside the pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

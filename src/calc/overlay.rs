@@ -7,13 +7,13 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use super::desired::{
-    DesiredDataplane, DeviceRef, IPIP_DEVICE, IpipDevice, MAIN_TABLE, RouteKey, RouteKind,
-    RouteTarget, VXLAN_DEVICE, VxlanDevice, WantedRoute,
-};
 use super::mtu::{FALLBACK_HOST_MTU, ipip_mtu, vxlan_mtu};
 use super::view::{ClusterView, EncapMode, NodeInfo};
 use super::vtep::vtep_mac;
+use crate::desired::{
+    DesiredDataplane, DeviceRef, IPIP_DEVICE, IpipDevice, MAIN_TABLE, RouteKey, RouteKind,
+    RouteTarget, VXLAN_DEVICE, VxlanDevice, WantedRoute,
+};
 
 /// Felix's defaults: VXLANVNI 4096, VXLANPort 4789, the main table.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use sha1::{Digest, Sha1};
 
-use super::desired::Mac;
+use crate::desired::Mac;
 
 /// `66:` followed by the first five bytes of sha1(node name). 0x66 has the locally
 /// administered bit set and the multicast bit clear, so it is a valid unicast MAC.

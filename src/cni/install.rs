@@ -83,7 +83,8 @@ pub enum Outcome {
     Unchanged,
 }
 
-/// Copies `source` (normally /proc/self/exe) to `<bin_dir>/tortie` and `tortie-ipam`.
+/// Copies `source` (normally /proc/self/exe) to `<bin_dir>/tortie`; `tortie-ipam` is a hard
+/// link to it (one binary's worth of disk, and the two can never differ).
 pub fn install_binaries(
     source: &Path,
     bin_dir: &Path,
@@ -92,6 +93,13 @@ pub fn install_binaries(
     let mut out = Vec::new();
     for name in PLUGIN_NAMES {
         let target = bin_dir.join(name);
+        let first = bin_dir.join(PLUGIN_NAMES[0]);
+        if target != first {
+            let outcome = hard_link_over(&first, &target)?;
+            tracing::info!(path = %target.display(), ?outcome, "CNI plugin binary (hard link)");
+            out.push((target, outcome));
+            continue;
+        }
         let outcome = if same_content(source, &target)? {
             Outcome::Unchanged
         } else {
@@ -103,6 +111,29 @@ pub fn install_binaries(
         out.push((target, outcome));
     }
     Ok(out)
+}
+
+/// Makes `target` a hard link to `original`, atomically (link to a temporary name, rename
+/// over); Unchanged when it already is one. Falls back to a copy where links cannot be made.
+fn hard_link_over(original: &Path, target: &Path) -> Result<Outcome, InstallError> {
+    use std::os::unix::fs::MetadataExt;
+    let orig = fs::metadata(original).map_err(io_err("stat", original))?;
+    if let Ok(t) = fs::metadata(target)
+        && t.ino() == orig.ino()
+        && t.dev() == orig.dev()
+    {
+        return Ok(Outcome::Unchanged);
+    }
+    let tmp = target.with_extension("tortie-link");
+    let _ = fs::remove_file(&tmp);
+    match fs::hard_link(original, &tmp) {
+        Ok(()) => fs::rename(&tmp, target).map_err(io_err("rename", target))?,
+        Err(_) => {
+            let mut src = File::open(original).map_err(io_err("open", original))?;
+            write_atomic(target, 0o755, |f| io::copy(&mut src, f).map(|_| ()))?;
+        }
+    }
+    Ok(Outcome::Written)
 }
 
 /// The versions `plugin` says it supports (CNI_COMMAND=VERSION), if it answers.

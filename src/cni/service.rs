@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use kube::Client;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 
 use super::handlers::{CniDaemon, CniSettings};
 use super::install::{
@@ -81,13 +81,15 @@ pub fn install_binaries(args: &CniNodeArgs) -> Result<(), ServiceError> {
 pub struct CniService {
     pub daemon: Arc<CniDaemon>,
     settings: InstallSettings,
-    pub task: JoinHandle<()>,
+    pub task: AbortHandle,
 }
 
 impl CniService {
     /// After the datastore and IPAM synced: serves the socket and reports ready for ADDs.
     /// `mtu` is the live pod MTU; the conflist carries `--cni-mtu` (0: the daemon decides
     /// per ADD, so a FelixConfiguration change reaches the next pod).
+    // Start-up wiring: each argument is a distinct handle the daemon already holds.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         args: &CniNodeArgs,
         node: &str,
@@ -95,15 +97,24 @@ impl CniService {
         client: Client,
         ipam: Arc<Ipam>,
         stop: watch::Receiver<bool>,
+        health: &crate::health::Registry,
+        pods: Option<kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>>,
     ) -> Result<CniService, ServiceError> {
         let plumber = Plumber::open(Path::new(OWN_NETNS)).await?;
         let settings = CniSettings {
             node: node.to_string(),
             default_mtu: mtu,
         };
-        let daemon = Arc::new(CniDaemon::new(settings, client, ipam, plumber));
+        let daemon = Arc::new(CniDaemon::with_pods(settings, client, ipam, plumber, pods));
         let listener = server::bind(&args.cni_socket)?;
-        let task = tokio::spawn(server::serve(listener, daemon.clone(), stop));
+        let task = health.supervise(
+            "cni/server",
+            crate::health::Expect {
+                stall_after: None,
+                ..Default::default()
+            },
+            tokio::spawn(server::serve(listener, daemon.clone(), stop)),
+        );
         daemon.set_ready(true);
         Ok(CniService {
             daemon,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error};
 
 use super::{DataplaneError, Kernel, Stats, links, neighbours, routes};
-use crate::calc::desired::DesiredDataplane;
+use crate::desired::DesiredDataplane;
 
 #[derive(Debug, Default)]
 pub struct ApplyReport {

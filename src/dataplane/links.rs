@@ -14,9 +14,7 @@ use tracing::{info, warn};
 
 use super::error::errno;
 use super::{DataplaneError, Kernel, Stats, offload};
-use crate::calc::desired::{
-    DesiredDataplane, IPIP_DEVICE, IpipDevice, Mac, VXLAN_DEVICE, VxlanDevice,
-};
+use crate::desired::{DesiredDataplane, IPIP_DEVICE, IpipDevice, Mac, VXLAN_DEVICE, VxlanDevice};
 
 /// One link as read from the kernel, with the VXLAN attributes tortie cares about.
 #[derive(Debug, Clone, PartialEq, Eq)]

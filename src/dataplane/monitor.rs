@@ -9,18 +9,21 @@ use futures::channel::mpsc::UnboundedReceiver;
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::sys::SocketAddr;
 
 use super::DataplaneError;
 use super::netns::in_netns;
-use crate::calc::desired::ROUTE_PROTOCOL;
+use crate::desired::ROUTE_PROTOCOL;
 
 /// Which kind of kernel object changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Changed {
-    /// A link or an IPv4 address (the parent's node IP, the tunnel address).
-    Links,
+    /// A link, or an IPv4 address on it (the parent's node IP, the tunnel address). The
+    /// name is known for link messages only; the resync loop ignores links that are not
+    /// tortie's devices or the parent (a pod's veth appearing costs no dataplane pass).
+    Links { ifindex: u32, name: Option<String> },
     /// A neighbour or FDB entry on the interface with this index.
     Neighbours { ifindex: u32 },
     /// An IPv4 route; `owned` when it carries tortie's protocol.
@@ -79,7 +82,17 @@ fn classify(payload: &NetlinkPayload<RouteNetlinkMessage>) -> Option<Changed> {
     };
     use RouteNetlinkMessage as M;
     match msg {
-        M::NewLink(_) | M::DelLink(_) | M::NewAddress(_) | M::DelAddress(_) => Some(Changed::Links),
+        M::NewLink(l) | M::DelLink(l) => Some(Changed::Links {
+            ifindex: l.header.index,
+            name: l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            }),
+        }),
+        M::NewAddress(a) | M::DelAddress(a) => Some(Changed::Links {
+            ifindex: a.header.index,
+            name: None,
+        }),
         M::NewNeighbour(n) | M::DelNeighbour(n) => Some(Changed::Neighbours {
             ifindex: n.header.ifindex,
         }),

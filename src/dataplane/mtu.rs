@@ -1,10 +1,10 @@
 //! Host MTU detection against the kernel: lists links and hands them to the pure policy in
-//! `calc::mtu`.
+//! `desired::mtu`.
 
 use rtnetlink::Handle;
 
 use super::{DataplaneError, links};
-use crate::calc::mtu::{LinkMtu, detect_host_mtu};
+use crate::desired::mtu::{LinkMtu, detect_host_mtu};
 
 pub async fn host_mtu(handle: &Handle) -> Result<u32, DataplaneError> {
     let links: Vec<LinkMtu> = links::dump_links(handle)

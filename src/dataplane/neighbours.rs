@@ -13,8 +13,8 @@ use rtnetlink::packet_route::neighbour::{
 };
 
 use super::{DataplaneError, Stats, batch, links};
-use crate::calc::desired::{DesiredDataplane, Mac, VXLAN_DEVICE};
-use crate::calc::diff;
+use crate::desired::diff;
+use crate::desired::{DesiredDataplane, Mac, VXLAN_DEVICE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Neigh {

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::monitor::{Changed, Monitor};
 use super::{ApplyReport, DataplaneError, Kernel, apply, links};
-use crate::calc::desired::DesiredDataplane;
+use crate::desired::{DesiredDataplane, IPIP_DEVICE, VXLAN_DEVICE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResyncConfig {
@@ -41,15 +41,29 @@ pub enum Trigger {
 /// readiness, metrics and drift counters). Applies start at once with the current value.
 pub async fn run(
     kernel: Kernel,
+    monitor: Option<Monitor>,
+    desired: watch::Receiver<Arc<DesiredDataplane>>,
+    cfg: ResyncConfig,
+    report: impl FnMut(Trigger, &Result<ApplyReport, DataplaneError>),
+) {
+    run_observed(kernel, monitor, desired, cfg, |_| async {}, report).await
+}
+
+/// `run`, with `start` awaited before each pass (the daemon marks the pass busy for its
+/// health watchdog there, and tests inject faults).
+pub async fn run_observed<F: std::future::Future<Output = ()>>(
+    kernel: Kernel,
     mut monitor: Option<Monitor>,
     mut desired: watch::Receiver<Arc<DesiredDataplane>>,
     cfg: ResyncConfig,
+    mut start: impl FnMut(Trigger) -> F,
     mut report: impl FnMut(Trigger, &Result<ApplyReport, DataplaneError>),
 ) {
     let mut trigger = Trigger::Desired;
-    let mut vxlan_index = None;
+    let mut devices = links::Devices::default();
     let mut had_conflicts = false;
     loop {
+        start(trigger).await;
         let want = desired.borrow_and_update().clone();
         let outcome = apply(&kernel, &want).await;
         match &outcome {
@@ -65,8 +79,8 @@ pub async fn run(
         }
         report(trigger, &outcome);
         // Neighbour events on other devices (pods' ARP) are none of this loop's business.
-        if let Ok(devices) = links::resolve_devices(&kernel.handle, None).await {
-            vxlan_index = devices.vxlan;
+        if let Ok(d) = links::resolve_devices(&kernel.handle, want.parent_ip).await {
+            devices = d;
         }
 
         let next_resync = Instant::now() + cfg.interval;
@@ -78,9 +92,9 @@ pub async fn run(
                 },
                 event = next_event(&mut monitor) => {
                     let relevant = match event {
-                        Some(Changed::Links) => true,
+                        Some(Changed::Links { ifindex, name }) => ours(&devices, ifindex, name.as_deref()),
                         Some(Changed::Routes { owned }) => owned || had_conflicts,
-                        Some(Changed::Neighbours { ifindex }) => Some(ifindex) == vxlan_index,
+                        Some(Changed::Neighbours { ifindex }) => Some(ifindex) == devices.vxlan,
                         None => {
                             warn!("kernel monitor closed; relying on the periodic resync");
                             monitor = None;
@@ -96,6 +110,12 @@ pub async fn run(
             }
         };
     }
+}
+
+/// A link or address event about tortie's devices or the parent interface.
+fn ours(devices: &links::Devices, ifindex: u32, name: Option<&str>) -> bool {
+    matches!(name, Some(VXLAN_DEVICE | IPIP_DEVICE))
+        || [devices.vxlan, devices.ipip, devices.parent].contains(&Some(ifindex))
 }
 
 async fn next_event(monitor: &mut Option<Monitor>) -> Option<Changed> {

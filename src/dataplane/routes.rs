@@ -18,10 +18,10 @@ use tracing::warn;
 use super::error::errno;
 use super::links::{self, Devices};
 use super::{DataplaneError, Stats, batch};
-use crate::calc::desired::{
+use crate::desired::diff;
+use crate::desired::{
     DesiredDataplane, DeviceRef, MAIN_TABLE, ROUTE_PROTOCOL, RouteKey, RouteTarget,
 };
-use crate::calc::diff;
 
 /// What the kernel holds in the tables of interest.
 struct KernelRoutes {

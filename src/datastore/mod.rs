@@ -72,6 +72,8 @@ pub struct ClusterView {
     pub nodes: Store<Node>,
     pub ip_pools: Store<IPPool>,
     pub felix_configs: Store<FelixConfiguration>,
+    /// Bumped after every change applied to any store: readers wait on it instead of polling.
+    pub changes: status_channel::Receiver<u64>,
 }
 
 /// Running watches: the view they fill, their sync status, and the tasks to stop.
@@ -88,9 +90,11 @@ impl Datastore {
         let (reporter, status) = watch::SyncReporter::new(&conn.url);
         let mut tasks = JoinSet::new();
         let client = &conn.client;
+        let (changes_tx, changes) = status_channel::channel(0);
         let mut watch = Watches {
             tasks: &mut tasks,
             reporter: &reporter,
+            changes: std::sync::Arc::new(changes_tx),
         };
         let nodes = watch.spawn("nodes", Api::all(client.clone()), trim_node);
         let ip_pools = watch.spawn("ippools", Api::all(client.clone()), trim_common::<IPPool>);
@@ -105,6 +109,7 @@ impl Datastore {
                 nodes,
                 ip_pools,
                 felix_configs,
+                changes,
             },
             status,
             tasks,
@@ -121,6 +126,7 @@ impl Datastore {
 struct Watches<'a> {
     tasks: &'a mut JoinSet<()>,
     reporter: &'a watch::SyncReporter,
+    changes: std::sync::Arc<status_channel::Sender<u64>>,
 }
 
 impl Watches<'_> {
@@ -131,7 +137,14 @@ impl Watches<'_> {
     {
         let (store, writer) = reflector::store();
         self.reporter.register(name);
-        let task = watch::run(name, api, writer, trim, self.reporter.clone());
+        let task = watch::run(
+            name,
+            api,
+            writer,
+            trim,
+            self.reporter.clone(),
+            self.changes.clone(),
+        );
         self.tasks.spawn(task);
         store
     }

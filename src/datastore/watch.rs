@@ -67,6 +67,7 @@ pub(crate) async fn run<K>(
     mut writer: Writer<K>,
     trim: fn(&mut K),
     reporter: SyncReporter,
+    changes: Arc<status_channel::Sender<u64>>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -89,9 +90,13 @@ pub(crate) async fn run<K>(
                                 "listed"
                             );
                             reporter.observe(name, Observation::ListDone);
+                            changes.send_modify(|g| *g += 1);
                         }
-                        Event::InitApply(_) | Event::Apply(_) | Event::Delete(_) => {
+                        Event::InitApply(_) => reporter.observe(name, Observation::Data),
+                        Event::Apply(_) | Event::Delete(_) => {
                             reporter.observe(name, Observation::Data);
+                            // Readers (the calculation) wake on this; a list wakes them once.
+                            changes.send_modify(|g| *g += 1);
                         }
                     }
                 }

@@ -14,9 +14,7 @@ use super::convert::time_to_chrono;
 use crate::api::{AllowedUse, AssignmentMode, IPPool};
 use crate::selector::{Selector, parse_node_selector};
 
-pub const ANNOTATION_IPV4_POOLS: &str = "cni.projectcalico.org/ipv4pools";
-pub const ANNOTATION_IPV6_POOLS: &str = "cni.projectcalico.org/ipv6pools";
-pub const ANNOTATION_IP_ADDRS: &str = "cni.projectcalico.org/ipAddrs";
+pub use crate::api::vocab::{ANNOTATION_IP_ADDRS, ANNOTATION_IPV4_POOLS, ANNOTATION_IPV6_POOLS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {

@@ -1,6 +1,6 @@
 //! The drivers as the daemon runs them: the overlay converge loop (kernel monitor plus
 //! periodic resync) and the NAT table on the same interval, each reporting its first
-//! outcome for readiness and every outcome to the metrics.
+//! outcome for readiness, every outcome to the metrics, and each pass to the health registry.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,27 +8,30 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 
 use super::overlay_metrics::OverlayMetrics;
-use crate::calc::DesiredDataplane;
 use crate::calc::nat::NatModel;
 use crate::dataplane::monitor::Monitor;
 use crate::dataplane::nft::{NatTable, Outcome};
 use crate::dataplane::resync::{self, ResyncConfig, Trigger};
 use crate::dataplane::{ApplyReport, DataplaneError, Kernel};
+use crate::desired::DesiredDataplane;
+use crate::health::{self, Expect, Pulse, Registry};
 
 /// None until the first pass; then whether the latest pass worked, and why not.
 pub type FirstOutcome = watch::Receiver<Option<Result<(), String>>>;
 
 pub struct Drivers {
-    overlay: JoinHandle<()>,
-    nat: JoinHandle<()>,
+    overlay: AbortHandle,
+    nat: AbortHandle,
     pub overlay_outcome: FirstOutcome,
     pub nat_outcome: FirstOutcome,
 }
 
 impl Drivers {
+    // Start-up wiring: each argument is a distinct handle the daemon already holds.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         kernel: Kernel,
         desired: watch::Receiver<Arc<DesiredDataplane>>,
@@ -37,6 +40,7 @@ impl Drivers {
         metrics: OverlayMetrics,
         ipip_missing: Arc<AtomicBool>,
         recheck: Arc<Notify>,
+        health: &Registry,
     ) -> Drivers {
         let monitor = match Monitor::new() {
             Ok(m) => Some(m),
@@ -51,7 +55,21 @@ impl Drivers {
             ..ResyncConfig::default()
         };
         let nat_repairs = metrics.drift_repairs.clone();
+        let pulse = health.register("dataplane/overlay", driver_expect(interval));
+        let start_pulse = pulse.clone();
+        let start = move |_trigger: Trigger| {
+            let p = start_pulse.clone();
+            async move {
+                p.busy();
+                health::faults::check(p.name()).await;
+            }
+        };
         let report = move |trigger: Trigger, outcome: &Result<ApplyReport, DataplaneError>| {
+            pulse.idle();
+            match outcome {
+                Ok(_) => pulse.recovered(),
+                Err(e) => pulse.failing(e.to_string()),
+            }
             let result = match outcome {
                 Ok(r) => {
                     metrics.apply_seconds.observe(r.duration.as_secs_f64());
@@ -74,9 +92,14 @@ impl Drivers {
             };
             overlay_tx.send_replace(Some(result));
         };
-        let overlay = tokio::spawn(resync::run(kernel, monitor, desired, cfg, report));
+        let overlay = tokio::spawn(resync::run_observed(
+            kernel, monitor, desired, cfg, start, report,
+        ));
+        let overlay = health.supervise("dataplane/overlay", Expect::default(), overlay);
         let (nat_tx, nat_outcome) = watch::channel(None);
-        let nat = tokio::spawn(run_nat(nat, interval, nat_tx, nat_repairs));
+        let nat_pulse = health.register("dataplane/nat", driver_expect(interval));
+        let nat = tokio::spawn(run_nat(nat, interval, nat_tx, nat_repairs, nat_pulse));
+        let nat = health.supervise("dataplane/nat", Expect::default(), nat);
         Drivers {
             overlay,
             nat,
@@ -92,15 +115,28 @@ impl Drivers {
     }
 }
 
+/// A pass may take a while on a loaded node (nft's own timeout is 10 s); failures are
+/// retried at the next trigger, so they count once they outlast the grace time.
+fn driver_expect(_interval: Duration) -> Expect {
+    Expect {
+        stall_after: Some(health::grace()),
+        fail_after: health::grace(),
+        vital: false,
+    }
+}
+
 /// Reconciles tortie's NAT table when the model changes and on every resync.
 async fn run_nat(
     mut model: watch::Receiver<NatModel>,
     interval: Duration,
     outcome: watch::Sender<Option<Result<(), String>>>,
     repairs: IntCounter,
+    pulse: Pulse,
 ) {
     let mut table = NatTable::new();
     loop {
+        pulse.busy();
+        health::faults::check(pulse.name()).await;
         let want = model.borrow_and_update().clone();
         let joined = tokio::task::spawn_blocking(move || {
             let r = table.reconcile(&want);
@@ -129,6 +165,11 @@ async fn run_nat(
                 Err(format!("NAT reconcile task failed: {e}"))
             }
         };
+        pulse.idle();
+        match &result {
+            Ok(()) => pulse.recovered(),
+            Err(e) => pulse.failing(e.clone()),
+        }
         outcome.send_replace(Some(result));
         tokio::select! {
             changed = model.changed() => if changed.is_err() { return },

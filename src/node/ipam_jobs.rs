@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::runtime::reflector::Store;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
+
+use crate::health::{Expect, Registry};
 
 use crate::ipam::Ipam;
 use crate::ipam::gc::cooldown;
@@ -18,10 +20,12 @@ use crate::ipam::gc::{self, Cluster, GcConfig, GcStatus};
 use crate::metrics::{Metrics, MetricsError};
 
 pub struct IpamJobs {
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Vec<AbortHandle>,
 }
 
 impl IpamJobs {
+    // Start-up wiring: each argument is a distinct handle the daemon already holds.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         metrics: &Metrics,
         ipam: Arc<Ipam>,
@@ -30,6 +34,8 @@ impl IpamJobs {
         is_leader: watch::Receiver<bool>,
         grace: Duration,
         stopped: watch::Receiver<bool>,
+        health: &Registry,
+        (pods, pods_watch): (Store<Pod>, tokio::task::JoinHandle<()>),
     ) -> Result<IpamJobs, MetricsError> {
         let status = GcStatus::default();
         crate::ipam::metrics::register(
@@ -40,7 +46,6 @@ impl IpamJobs {
             is_leader.clone(),
         )?;
         let (client_for_defaults, is_leader_for_defaults) = (client.clone(), is_leader.clone());
-        let (pods, pods_watch) = gc::watch_pods(client.clone());
         let cluster = Cluster {
             client,
             pods,
@@ -79,14 +84,28 @@ impl IpamJobs {
             grace.as_secs(),
             stopped,
         ));
+        // Each job ends only at shutdown: an earlier end (or a panic) is reported by name.
+        let jobs = [
+            ("ipam/pods-watch", pods_watch),
+            ("leader/ipam-gc", leader_gc),
+            ("ipam/own-blocks", own_blocks),
+            ("ipam/cooldown-own", own_cold),
+            ("leader/cooldown-all", all_cold),
+            ("leader/calico-defaults", defaults),
+        ];
+        let unbounded = Expect {
+            stall_after: None,
+            ..Expect::default()
+        };
         Ok(IpamJobs {
-            tasks: vec![
-                pods_watch, leader_gc, own_blocks, own_cold, all_cold, defaults,
-            ],
+            tasks: jobs
+                .into_iter()
+                .map(|(name, task)| health.supervise(name, unbounded, task))
+                .collect(),
         })
     }
 
     pub fn stop(&self) {
-        self.tasks.iter().for_each(JoinHandle::abort);
+        self.tasks.iter().for_each(AbortHandle::abort);
     }
 }

@@ -94,6 +94,7 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 
     let metrics = Metrics::new(&BuildInfo::CURRENT)?;
     let readiness = Readiness::default();
+    let readiness_health = readiness.health.clone();
     let ready = startup::Conditions::new(&readiness);
     let (stop, stopped) = stop_channel::channel(false);
     let mut servers = JoinSet::new();
@@ -133,6 +134,7 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         Ok(Some(running)) => {
             tracing::info!("tortie node ready");
             let outcome = main_loop(&mut signals, &mut servers).await;
+            readiness_health.stopping();
             let _ = stop.send(true);
             let drained = tokio::time::timeout(SHUTDOWN_BUDGET, async {
                 running.stop().await;
@@ -148,6 +150,7 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
             outcome
         }
         other => {
+            readiness_health.stopping();
             let _ = stop.send(true);
             other.map(|_| ())
         }

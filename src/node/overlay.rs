@@ -2,8 +2,10 @@
 //! keeps this node's tunnel addresses allocated and published, recalculates the desired
 //! dataplane and NAT model, and hands them to the drivers when they change.
 //!
-//! The stores are polled in memory every `POLL` (no API traffic): that is the debounce — a
-//! burst of watch events costs one recalculation, and an unchanged snapshot costs none.
+//! Event-driven: a change applied by any watch (datastore or IPAM view), a live setting, or
+//! the dataplane's recheck wakes it; changes arriving during a pass cost one more pass, not
+//! one each, and an unchanged snapshot costs no driver work. No polling: an idle daemon
+//! sleeps here until something changes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,13 +16,17 @@ use tokio::sync::{Notify, watch};
 
 use super::overlay_metrics::OverlayMetrics;
 use super::snapshot::{self, LocalNode};
-use super::tunnel::{self, Publisher};
+use super::tunnel::{self, Publisher, TunnelError};
 use crate::calc::nat::{NatModel, NatSettings, desired_nat};
 use crate::calc::{ClusterView as CalcView, DesiredDataplane, OverlayConfig, desired_dataplane};
 use crate::datastore::ClusterView;
 use crate::ipam::{Ipam, TunnelKind};
 
-const POLL: Duration = Duration::from_millis(200);
+/// Retry interval for a tunnel address that could not be allocated or published.
+const TUNNEL_RETRY: Duration = Duration::from_secs(2);
+/// The most one pass waits on the API for a tunnel address: a pass blocked on an
+/// unreachable API server must not look like a stuck calculation to the watchdog.
+const TUNNEL_API_BUDGET: Duration = Duration::from_secs(10);
 
 /// What the drivers are asked to converge to.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +49,8 @@ pub struct Overlay {
     /// Live overlay settings (FelixConfiguration); each change recalculates.
     pub config_updates: Option<watch::Receiver<OverlayConfig>>,
     last: Option<(CalcView, bool)>,
+    /// A tunnel address was not ready on the last pass: retry after `TUNNEL_RETRY`.
+    tunnel_pending: bool,
 }
 
 impl Overlay {
@@ -69,6 +77,7 @@ impl Overlay {
             recheck: Arc::new(Notify::new()),
             config_updates: None,
             last: None,
+            tunnel_pending: false,
         }
     }
 
@@ -89,6 +98,7 @@ impl Overlay {
             .find(|n| n.metadata.name.as_deref() == Some(node.as_str()))
             .and_then(|n| n.metadata.annotations.clone())
             .unwrap_or_default();
+        self.tunnel_pending = false;
         let wants = [
             (TunnelKind::Vxlan, probe.vxlan_enabled()),
             (TunnelKind::Ipip, probe.ipip_enabled()),
@@ -98,14 +108,33 @@ impl Overlay {
                 let current = published
                     .get(tunnel::annotation_key(kind))
                     .and_then(|v| snapshot::parse_tunnel_addr(v));
-                match self.publisher.ensure(&self.ipam, kind, current).await {
+                let ensured = tokio::time::timeout(
+                    TUNNEL_API_BUDGET,
+                    self.publisher.ensure(&self.ipam, kind, current),
+                )
+                .await
+                .unwrap_or_else(|_| Err(TunnelError::TimedOut { kind }));
+                match ensured {
                     Ok(a) => Some(a),
                     Err(e) => {
                         tracing::warn!(error = %e, "tunnel address not ready; retrying");
+                        self.tunnel_pending = true;
                         tunnel::held(&self.ipam, kind)
                     }
                 }
             } else {
+                let published = published.contains_key(tunnel::annotation_key(kind));
+                if (published || tunnel::held(&self.ipam, kind).is_some())
+                    && let Err(e) = tokio::time::timeout(
+                        TUNNEL_API_BUDGET,
+                        self.publisher.retire(&self.ipam, kind, published),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(TunnelError::TimedOut { kind }))
+                {
+                    tracing::warn!(error = %e, "unused tunnel address not released; retrying");
+                    self.tunnel_pending = true;
+                }
                 None
             };
             match kind {
@@ -167,26 +196,80 @@ impl Overlay {
         })
     }
 
-    /// Runs until `stopped` turns true, handing each changed part to its driver.
+    /// Runs until `stopped` turns true, handing each changed part to its driver. `pulse`
+    /// reports each pass to the health registry (the watchdog sees a pass that never ends).
     pub async fn run(
         mut self,
         dataplane: watch::Sender<Arc<DesiredDataplane>>,
         nat: watch::Sender<NatModel>,
         mut stopped: watch::Receiver<bool>,
+        pulse: crate::health::Pulse,
     ) {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut view_changes = self.view.changes.clone();
+        let mut ipam_changes = self.ipam.changes();
+        let mut config = self.config_updates.clone();
+        // A pass at once: changes between start-up's first pass and these subscriptions
+        // would otherwise wait for the next change.
+        let mut first = true;
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.recheck.notified() => {}
-                _ = stopped.wait_for(|s| *s) => return,
+            if !std::mem::take(&mut first)
+                && self
+                    .wait_for_change(
+                        &mut view_changes,
+                        &mut ipam_changes,
+                        &mut config,
+                        &mut stopped,
+                    )
+                    .await
+                    .is_none()
+            {
+                return;
             }
+            view_changes.borrow_and_update();
+            ipam_changes.borrow_and_update();
+            pulse.busy();
+            crate::health::faults::check(pulse.name()).await;
             if let Some(w) = self.recalculate().await {
                 publish(&dataplane, w.dataplane);
                 publish(&nat, w.nat);
             }
+            pulse.idle();
         }
+    }
+
+    /// Until something the calculation reads changed (Err: stop).
+    async fn wait_for_change(
+        &self,
+        view_changes: &mut watch::Receiver<u64>,
+        ipam_changes: &mut watch::Receiver<u64>,
+        config: &mut Option<watch::Receiver<OverlayConfig>>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Option<()> {
+        {
+            let retry = async {
+                if self.tunnel_pending {
+                    tokio::time::sleep(TUNNEL_RETRY).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                r = view_changes.changed() => r.ok(),
+                r = ipam_changes.changed() => r.ok(),
+                r = changed(config) => r.ok(),
+                _ = self.recheck.notified() => Some(()),
+                _ = retry => Some(()),
+                _ = stopped.wait_for(|s| *s) => None,
+            }
+        }
+    }
+}
+
+/// A settings channel's next change; never, without one.
+async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

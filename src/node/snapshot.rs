@@ -15,9 +15,11 @@ use crate::calc::{BlockInfo, BorrowedAddr, ClusterView, EncapMode, NodeInfo, Poo
 use crate::ipam::block::Block;
 use crate::ipam::cidr::addr_at;
 
-pub const IPV4_ADDRESS: &str = "projectcalico.org/IPv4Address";
-pub const VXLAN_TUNNEL_ADDR: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
-pub const IPIP_TUNNEL_ADDR: &str = "projectcalico.org/IPv4IPIPTunnelAddr";
+use crate::api::vocab;
+pub use crate::api::vocab::{
+    NODE_IPV4_ADDRESS as IPV4_ADDRESS, NODE_IPV4_IPIP_TUNNEL_ADDR as IPIP_TUNNEL_ADDR,
+    NODE_IPV4_VXLAN_TUNNEL_ADDR as VXLAN_TUNNEL_ADDR,
+};
 
 /// What this node knows about itself before its Node object shows it: the detected address
 /// and the tunnel addresses IPAM holds for it. These win over the (possibly lagging) store.
@@ -79,7 +81,7 @@ fn borrowed_in<'b>(
         .enumerate()
         .filter_map(move |(ordinal, attr)| {
             let attr = block.attributes.get((*attr)?)?;
-            let node = attr.secondary.get("node")?;
+            let node = attr.secondary.get(vocab::ATTR_NODE)?;
             if Some(node.as_str()) == affinity {
                 return None;
             }

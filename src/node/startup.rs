@@ -21,6 +21,7 @@ use crate::dataplane::{Kernel, mtu};
 use crate::datastore::lease::{Election, LeaderElector, LeaseConfig};
 use crate::datastore::{self, Datastore, DatastoreStatus};
 use crate::felix_config::{follow, live};
+use crate::health::{Expect, Registry, grace};
 use crate::http::{Condition, Readiness};
 use crate::ipam::Ipam;
 use crate::metrics::Metrics;
@@ -33,6 +34,8 @@ pub struct Conditions {
     pub datastore: Condition,
     pub cni: Condition,
     pub dataplane: Condition,
+    /// The loops' health (readiness and liveness read it on every probe).
+    pub health: Registry,
 }
 
 impl Conditions {
@@ -41,6 +44,7 @@ impl Conditions {
             datastore: readiness.condition("datastore", "datastore not synced: not started"),
             cni: readiness.condition("cni", "CNI socket not serving yet"),
             dataplane: readiness.condition("dataplane", "node identity not established yet"),
+            health: readiness.health.clone(),
         }
     }
 }
@@ -113,7 +117,14 @@ pub async fn start(
 
     wait_synced(&datastore).await?;
     let election = start_election(&client, cfg, stopped.clone())?;
-    let ipam = Arc::new(start_ipam(&client, node).await);
+    let shared = crate::ipam::store::view::Shared {
+        pools: datastore.view.ip_pools.clone(),
+        nodes: datastore.view.nodes.clone(),
+        changes: datastore.view.changes.clone(),
+    };
+    let ipam = Arc::new(start_ipam(&client, node, shared).await);
+    // One Pod watch for the daemon: the GC and the CNI read the same store.
+    let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
     let ipam_jobs = IpamJobs::start(
         metrics,
         ipam.clone(),
@@ -122,7 +133,10 @@ pub async fn start(
         election.is_leader.clone(),
         cfg.ipam_gc_grace,
         stopped.clone(),
+        &ready.health,
+        (pods.clone(), pods_watch),
     )?;
+    watch_ipam_health(&ready.health, ipam.clone());
 
     // FelixConfiguration merged with the explicit flags (Felix's precedence), live from here;
     // the datastore synced, so start-up already uses the cluster's settings.
@@ -175,7 +189,17 @@ pub async fn start(
     ));
     let resync_interval = effective.borrow().route_refresh;
 
-    let cni = CniService::start(&cfg.cni, node, pod_mtu, client, ipam, stopped.clone()).await?;
+    let cni = CniService::start(
+        &cfg.cni,
+        node,
+        pod_mtu,
+        client,
+        ipam,
+        stopped.clone(),
+        &ready.health,
+        Some(pods),
+    )
+    .await?;
     ready
         .cni
         .set_not_ready("CNI socket serving; conflist not written until the first dataplane apply");
@@ -190,8 +214,21 @@ pub async fn start(
         overlay_metrics,
         overlay.ipip_missing.clone(),
         overlay.recheck.clone(),
+        &ready.health,
     );
-    tokio::spawn(overlay.run(dataplane_tx, nat_tx, stopped));
+    // The calculation is vital: if it is stuck nothing else converges, so kubelet must
+    // restart the daemon (liveness), not only stop sending it traffic.
+    let calc_expect = Expect {
+        stall_after: Some(grace()),
+        fail_after: grace(),
+        vital: true,
+    };
+    let calc_pulse = ready.health.register("calculation", calc_expect);
+    ready.health.supervise(
+        "calculation",
+        calc_expect,
+        tokio::spawn(overlay.run(dataplane_tx, nat_tx, stopped, calc_pulse)),
+    );
     ready
         .dataplane
         .set_not_ready("first dataplane apply not done yet");
@@ -217,6 +254,12 @@ pub async fn start(
             mtu_metrics_task,
         ],
     })
+}
+
+/// The IPAM view's watches on the health registry: a kind that keeps failing past the grace
+/// time revokes readiness (evaluated when probed; no timer).
+fn watch_ipam_health(health: &Registry, ipam: Arc<Ipam>) {
+    health.probe("ipam/watches", grace(), move || ipam.watch_failures());
 }
 
 /// How often the host MTU is measured again (a NIC's MTU can change under a running node).
@@ -363,9 +406,16 @@ fn start_election(
     Ok(election)
 }
 
-async fn start_ipam(client: &Client, node: &str) -> Ipam {
+async fn start_ipam(client: &Client, node: &str, shared: crate::ipam::store::view::Shared) -> Ipam {
     loop {
-        match Ipam::start(client.clone(), node, IPAM_SYNC_TIMEOUT).await {
+        match Ipam::start_with(
+            client.clone(),
+            node,
+            IPAM_SYNC_TIMEOUT,
+            Some(shared.clone()),
+        )
+        .await
+        {
             Ok(ipam) => return ipam,
             Err(e) => {
                 tracing::warn!(error = %e, "IPAM not synced; retrying");

@@ -24,6 +24,14 @@ pub enum TunnelError {
         node: String,
         source: IpamError,
     },
+    #[error("the API did not answer in time for the {kind:?} tunnel address")]
+    TimedOut { kind: TunnelKind },
+    #[error("releasing the unused {kind:?} tunnel address of node {node}: {source}")]
+    Release {
+        kind: TunnelKind,
+        node: String,
+        source: IpamError,
+    },
     #[error("annotating Node {node} with {key}={value}: {source}")]
     Annotate {
         node: String,
@@ -116,10 +124,55 @@ impl Publisher {
         Ok(addr)
     }
 
+    /// No pool needs `kind` any more: releases the node's address of that kind and removes
+    /// its Node annotation (`published`: the annotation is there now). True if it did either.
+    pub async fn retire(
+        &mut self,
+        ipam: &Ipam,
+        kind: TunnelKind,
+        published: bool,
+    ) -> Result<bool, TunnelError> {
+        let mut did = false;
+        if held(ipam, kind).is_some() {
+            let released =
+                ipam.release_tunnel_addr(kind)
+                    .await
+                    .map_err(|source| TunnelError::Release {
+                        kind,
+                        node: self.node.clone(),
+                        source,
+                    })?;
+            tracing::info!(node = %self.node, ?kind, addresses = ?released, "tunnel address released: no pool needs it");
+            did = true;
+        }
+        if published {
+            self.patch_annotation(annotation_key(kind), serde_json::Value::Null, "(removed)")
+                .await?;
+            tracing::info!(node = %self.node, key = annotation_key(kind), "tunnel address annotation removed");
+            did = true;
+        }
+        self.last[match kind {
+            TunnelKind::Vxlan => 0,
+            TunnelKind::Ipip => 1,
+        }] = None;
+        Ok(did)
+    }
+
     async fn annotate(&self, key: &'static str, value: String) -> Result<(), TunnelError> {
+        self.patch_annotation(key, serde_json::Value::String(value.clone()), &value)
+            .await
+    }
+
+    /// A merge patch of one key (null removes it) leaves other annotations and writers alone.
+    async fn patch_annotation(
+        &self,
+        key: &'static str,
+        json_value: serde_json::Value,
+        value: &str,
+    ) -> Result<(), TunnelError> {
+        let value = value.to_string();
         let api: Api<Node> = Api::all(self.client.clone());
-        // A merge patch of one key leaves other annotations and writers alone.
-        let patch = serde_json::json!({ "metadata": { "annotations": { key: &value } } });
+        let patch = serde_json::json!({ "metadata": { "annotations": { key: json_value } } });
         api.patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|source| TunnelError::Annotate {

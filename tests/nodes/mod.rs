@@ -91,6 +91,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon with its CNI directories under `dir` (kept across restarts).
     pub fn start(host: &Host, dir: &Path, opts: DaemonOpts<'_>) -> Daemon {
+        Daemon::start_binary(host, dir, opts, Path::new(env!("CARGO_BIN_EXE_tortie")))
+    }
+
+    /// `start` with another `tortie` binary (benchmarks compare builds in one run).
+    pub fn start_binary(host: &Host, dir: &Path, opts: DaemonOpts<'_>, binary: &Path) -> Daemon {
         std::fs::create_dir_all(dir).expect("daemon dir");
         let log = dir.join("tortie.log");
         let log_file = std::fs::OpenOptions::new()
@@ -98,7 +103,8 @@ impl Daemon {
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut cmd = host.ns.command(&[env!("CARGO_BIN_EXE_tortie"), "node"]);
+        let binary = binary.display().to_string();
+        let mut cmd = host.ns.command(&[binary.as_str(), "node"]);
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("KUBECONFIG", opts.kubeconfig)

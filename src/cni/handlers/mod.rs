@@ -142,8 +142,19 @@ impl CniDaemon {
         ipam: Arc<Ipam>,
         plumber: Plumber,
     ) -> CniDaemon {
+        CniDaemon::with_pods(settings, client, ipam, plumber, None)
+    }
+
+    /// `new`, reading the daemon's shared Pod store when given one.
+    pub fn with_pods(
+        settings: CniSettings,
+        client: Client,
+        ipam: Arc<Ipam>,
+        plumber: Plumber,
+        pods: Option<kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>>,
+    ) -> CniDaemon {
         CniDaemon {
-            pods: PodView::start(client, &settings.node),
+            pods: PodView::with_pods(client, &settings.node, pods),
             settings,
             ipam,
             plumber,

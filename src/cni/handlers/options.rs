@@ -11,7 +11,8 @@ use super::HandlerError;
 
 /// Allocation attribute holding the pod's UID, so leak GC can tell a recreated pod of the
 /// same name from the one that got the address.
-pub const ATTR_POD_UID: &str = "pod-uid";
+pub use crate::api::vocab::ATTR_POD_UID;
+use crate::api::vocab::{ATTR_NAMESPACE, ATTR_NODE, ATTR_POD, ATTR_TIMESTAMP};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct IpamOptions {
@@ -92,11 +93,11 @@ pub(super) fn attributes(
     now: DateTime<Utc>,
 ) -> BTreeMap<String, String> {
     let mut attrs = BTreeMap::from([
-        ("node".to_string(), node.to_string()),
-        ("namespace".to_string(), namespace.to_string()),
-        ("pod".to_string(), pod.to_string()),
+        (ATTR_NODE.to_string(), node.to_string()),
+        (ATTR_NAMESPACE.to_string(), namespace.to_string()),
+        (ATTR_POD.to_string(), pod.to_string()),
         (
-            "timestamp".to_string(),
+            ATTR_TIMESTAMP.to_string(),
             now.to_rfc3339_opts(SecondsFormat::Secs, true),
         ),
     ]);

@@ -17,9 +17,7 @@ use tokio::task::JoinHandle;
 use super::HandlerError;
 use crate::datastore::reflect;
 
-pub const ANNOTATION_POD_IP: &str = "cni.projectcalico.org/podIP";
-pub const ANNOTATION_POD_IPS: &str = "cni.projectcalico.org/podIPs";
-pub const ANNOTATION_CONTAINER_ID: &str = "cni.projectcalico.org/containerID";
+pub use crate::api::vocab::{ANNOTATION_CONTAINER_ID, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
 
 #[derive(Debug, Clone, Default)]
 pub(super) struct PodInfo {
@@ -56,11 +54,17 @@ impl Drop for PodView {
 }
 
 impl PodView {
-    /// Starts both watches; must be called inside a tokio runtime. Lookups work at once
-    /// (through the API server until the caches fill).
-    pub fn start(client: Client, node: &str) -> PodView {
-        let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-        let (pods, pods_task) = reflect(Api::all(client.clone()), on_node, trim_pod, "CNI pods");
+    /// Starts the namespace watch (and a Pod watch of this node unless `pods`, the daemon's
+    /// shared Pod store, is given); must be called inside a tokio runtime. Lookups work at
+    /// once (through the API server until the caches fill).
+    pub fn with_pods(client: Client, node: &str, pods: Option<Store<Pod>>) -> PodView {
+        let mut tasks = Vec::new();
+        let pods = pods.unwrap_or_else(|| {
+            let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+            let (pods, task) = reflect(Api::all(client.clone()), on_node, trim_pod, "CNI pods");
+            tasks.push(task);
+            pods
+        });
         let (namespaces, ns_task) = reflect(
             Api::all(client.clone()),
             watcher::Config::default(),
@@ -74,7 +78,10 @@ impl PodView {
             client,
             pods,
             namespaces,
-            tasks: vec![pods_task, ns_task],
+            tasks: {
+                tasks.push(ns_task);
+                tasks
+            },
         }
     }
 

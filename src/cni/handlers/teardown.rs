@@ -82,7 +82,7 @@ impl CniDaemon {
             r
         };
         let release = async {
-            let r = self.ipam.release_by_handle(&handle).await;
+            let r = self.ipam.release_by_handle_deferred(&handle).await;
             tracing::debug!(container, release_ms = ms(started), "IPAM release done");
             r
         };
@@ -121,7 +121,11 @@ impl CniDaemon {
                     let Some(container) = h.strip_prefix(&prefix) else {
                         continue;
                     };
-                    if attr.secondary.get("node").map(String::as_str) != Some(node)
+                    if attr
+                        .secondary
+                        .get(crate::api::vocab::ATTR_NODE)
+                        .map(String::as_str)
+                        != Some(node)
                         || valid.contains(container)
                     {
                         continue;

@@ -18,7 +18,7 @@ use super::netns::{self, NsNetlink};
 use super::{
     Attached, Detached, GATEWAY_V4, HOST_MAC, Plumber, PlumbingError, PodNetwork, format_mac,
 };
-use crate::calc::desired::ROUTE_PROTOCOL;
+use crate::desired::ROUTE_PROTOCOL;
 
 /// A pod's veth pair made and up, before it has addresses: what ADD builds while IPAM is
 /// still writing. `address` finishes it, `abandon` removes it.

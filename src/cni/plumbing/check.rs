@@ -9,7 +9,7 @@ use netlink_packet_route::route::RouteProtocol;
 use super::links;
 use super::netns::NsNetlink;
 use super::{GATEWAY_V4, HOST_MAC, Plumber, PlumbingError, PodNetwork, format_mac};
-use crate::calc::desired::ROUTE_PROTOCOL;
+use crate::desired::ROUTE_PROTOCOL;
 
 fn mismatch(msg: String) -> PlumbingError {
     PlumbingError::Mismatch(msg)

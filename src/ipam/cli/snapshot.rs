@@ -21,16 +21,10 @@ use crate::ipam::cidr::ordinal_of;
 use crate::ipam::convert::{block_from_spec, time_to_chrono};
 use crate::ipam::pools::Pool;
 
-/// Attribute keys Calico's CNI plugin (and ours) records with a pod's allocation.
-pub const ATTR_NAMESPACE: &str = "namespace";
-pub const ATTR_POD: &str = "pod";
-pub const ATTR_NODE: &str = "node";
-pub const ATTR_TYPE: &str = "type";
-/// Same key the CNI handlers record the pod UID under (`cni::handlers` keeps it private).
-pub const ATTR_POD_UID: &str = "pod-uid";
-/// Pod annotations Calico's CNI plugin (and tortie's) writes after ADD.
-pub const ANNOTATION_POD_IP: &str = "cni.projectcalico.org/podIP";
-pub const ANNOTATION_POD_IPS: &str = "cni.projectcalico.org/podIPs";
+pub use crate::api::vocab::{
+    ANNOTATION_POD_IP, ANNOTATION_POD_IPS, ATTR_NAMESPACE, ATTR_NODE, ATTR_POD, ATTR_POD_UID,
+    ATTR_TYPE,
+};
 
 /// A block as read: parsed when it is consistent, the reason when it is not.
 #[derive(Debug, Clone)]
@@ -91,13 +85,7 @@ pub struct Workload {
 }
 
 /// Node annotations holding tunnel addresses allocated from IPAM.
-pub const TUNNEL_ANNOTATIONS: &[&str] = &[
-    "projectcalico.org/IPv4VXLANTunnelAddr",
-    "projectcalico.org/IPv4IPIPTunnelAddr",
-    "projectcalico.org/IPv4WireguardInterfaceAddr",
-    "projectcalico.org/IPv6VXLANTunnelAddr",
-    "projectcalico.org/IPv6WireguardInterfaceAddr",
-];
+pub const TUNNEL_ANNOTATIONS: &[&str] = crate::api::vocab::NODE_TUNNEL_ANNOTATIONS;
 
 fn parse_ip_or_cidr(s: &str) -> Option<IpAddr> {
     let s = s.trim();

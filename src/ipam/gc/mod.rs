@@ -90,8 +90,9 @@ pub struct Cluster {
     pub nodes: Store<Node>,
 }
 
-/// A reflector of every Pod, trimmed to what leak decisions read (uid, Calico's podIP
-/// annotations, phase, addresses) so a large cluster's pods cost little memory.
+/// A reflector of every Pod, trimmed to what leak decisions and the CNI read (uid, Calico's
+/// annotations, phase, addresses) so a large cluster's pods cost little memory. The daemon
+/// opens one and shares it (GC, CNI).
 pub fn watch_pods(client: Client) -> (Store<Pod>, JoinHandle<()>) {
     reflect(
         Api::all(client),
@@ -119,8 +120,14 @@ fn trim_pod(p: &mut Pod) {
     p.managed_fields_mut().clear();
     p.metadata.labels = None;
     p.metadata.owner_references = None;
+    // The daemon shares this store with the CNI, which reads Calico's pod annotations
+    // (pools, fixed addresses, container ID) too.
     if let Some(ann) = p.metadata.annotations.as_mut() {
-        ann.retain(|k, _| k == ANNOTATION_POD_IP || k == ANNOTATION_POD_IPS);
+        ann.retain(|k, _| {
+            k == ANNOTATION_POD_IP
+                || k == ANNOTATION_POD_IPS
+                || k.starts_with("cni.projectcalico.org/")
+        });
     }
     p.spec = None;
     p.status = p.status.take().map(|s| PodStatus {

@@ -10,17 +10,14 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::cni::handlers::ATTR_POD_UID;
+use crate::api::vocab::ATTR_POD_UID;
 use crate::ipam::block::Slot;
 use crate::ipam::cidr::addr_at;
 use crate::ipam::store::View;
 
-pub const ATTR_NAMESPACE: &str = "namespace";
-pub const ATTR_POD: &str = "pod";
-pub const ATTR_NODE: &str = "node";
-/// Pod annotations Calico's CNI plugin writes after ADD (`podIPs` is comma-joined CIDRs).
-pub const ANNOTATION_POD_IP: &str = "cni.projectcalico.org/podIP";
-pub const ANNOTATION_POD_IPS: &str = "cni.projectcalico.org/podIPs";
+pub use crate::api::vocab::{
+    ANNOTATION_POD_IP, ANNOTATION_POD_IPS, ATTR_NAMESPACE, ATTR_NODE, ATTR_POD,
+};
 
 /// Handle prefixes of node tunnel addresses, as Calico names them.
 const TUNNEL_HANDLE_PREFIXES: &[&str] = &[

@@ -125,6 +125,28 @@ pub fn blocks_in(h: &IPAMHandle) -> Vec<IpNet> {
 /// Deletes the handle object once all its addresses are released. The delete carries the
 /// resourceVersion and UID of the object read (`first`, else a fresh read), so it removes
 /// exactly that object; a conflict re-reads.
+/// Deletes the handle object exactly as `read` (resourceVersion and uid preconditions); a
+/// changed or missing object is left alone.
+pub async fn delete_as_read(
+    api: &Api<IPAMHandle>,
+    handle: &str,
+    read: Option<IPAMHandle>,
+) -> Result<(), IpamError> {
+    let Some(h) = read else {
+        return Ok(());
+    };
+    let name = handle_object_name(handle);
+    let dp = DeleteParams::default().preconditions(Preconditions {
+        resource_version: h.resource_version(),
+        uid: h.uid(),
+    });
+    match api.delete(&name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) || is_conflict(&e) => Ok(()),
+        Err(e) => Err(api_err(&name, "delete", e)),
+    }
+}
+
 pub async fn delete(
     api: &Api<IPAMHandle>,
     handle: &str,

@@ -25,7 +25,7 @@ pub mod events;
 mod handle;
 pub mod release;
 mod stats;
-mod view;
+pub mod view;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -33,6 +33,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::api::vocab;
 use chrono::Utc;
 use ipnet::IpNet;
 use kube::{Api, Client};
@@ -150,7 +151,18 @@ impl Ipam {
         node: &str,
         sync_timeout: Duration,
     ) -> Result<Ipam, IpamError> {
-        let view = ViewHandle::start(client.clone(), node);
+        Ipam::start_with(client, node, sync_timeout, None).await
+    }
+
+    /// `start`, following the datastore's IPPool and Node stores when `shared` is given
+    /// (the daemon: one watch per kind), else watching them itself (tests, the CLI).
+    pub async fn start_with(
+        client: Client,
+        node: &str,
+        sync_timeout: Duration,
+        shared: Option<view::Shared>,
+    ) -> Result<Ipam, IpamError> {
+        let view = ViewHandle::start_with(client.clone(), node, shared);
         let mut synced = view.synced.clone();
         let waited = tokio::time::timeout(sync_timeout, synced.wait_for(|s| *s)).await;
         if !matches!(waited, Ok(Ok(_))) {
@@ -188,6 +200,22 @@ impl Ipam {
     /// Claims, borrows, releases and allocation latency of this allocator.
     pub fn activity(&self) -> &Activity {
         &self.activity
+    }
+
+    /// Changes as the view's watches apply them: the calculation waits on this.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.view.changes.subscribe()
+    }
+
+    /// The IPAM watches failing now: kind, since when, why.
+    pub fn watch_failures(&self) -> Vec<(&'static str, std::time::Instant, String)> {
+        self.view
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, (t, w))| (*k, *t, w.clone()))
+            .collect()
     }
 
     /// Runs `f` over the current view (blocks, pools, config) without holding it across I/O.
@@ -450,8 +478,8 @@ impl Ipam {
             return Ok(IpNet::from(a));
         }
         let attrs = BTreeMap::from([
-            ("node".to_string(), self.node.clone()),
-            ("type".to_string(), kind.attr_type().to_string()),
+            (vocab::ATTR_NODE.to_string(), self.node.clone()),
+            (vocab::ATTR_TYPE.to_string(), kind.attr_type().to_string()),
         ]);
         let req = AssignRequest {
             use_: AllowedUse::Tunnel,
@@ -499,6 +527,17 @@ impl Ipam {
     /// The blocks the view knows are released while the handle object is read; blocks only
     /// the object names (the view not caught up yet) follow.
     pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        self.release_handle(handle, false).await
+    }
+
+    /// `release_by_handle` for CNI DEL: answers once the blocks are written and deletes the
+    /// handle object afterwards (the addresses are free already; only the bookkeeping
+    /// object is left, and the handle GC collects it if the delete never happens).
+    pub async fn release_by_handle_deferred(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        self.release_handle(handle, true).await
+    }
+
+    async fn release_handle(&self, handle: &str, defer: bool) -> Result<Vec<IpAddr>, IpamError> {
         let known: Vec<IpNet> = self.with_view(|v| {
             v.handles
                 .get(handle)
@@ -530,7 +569,17 @@ impl Ipam {
         for r in first.into_iter().chain(second) {
             released.extend(r?);
         }
-        handle::delete(&self.handles, handle, object).await?;
+        if defer {
+            // Deleted only as read: if an ADD re-created it meanwhile, it is that ADD's.
+            let (api, name) = (self.handles.clone(), handle.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = handle::delete_as_read(&api, &name, object).await {
+                    tracing::warn!(handle = %name, error = %e, "handle object not deleted; GC will");
+                }
+            });
+        } else {
+            handle::delete(&self.handles, handle, object).await?;
+        }
         Activity::add(&self.activity.releases, released.len());
         if !released.is_empty() {
             tracing::info!(handle, addresses = ?released, "released addresses");

@@ -167,6 +167,10 @@ impl View {
 pub struct ViewHandle {
     pub view: Arc<RwLock<View>>,
     pub synced: watch::Receiver<bool>,
+    /// Bumped after every change a watch applied (readers wait on it instead of polling).
+    pub changes: Arc<watch::Sender<u64>>,
+    /// Per kind, since when and why its watch fails (cleared by its next event).
+    pub failures: Arc<std::sync::Mutex<BTreeMap<&'static str, (std::time::Instant, String)>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -188,8 +192,23 @@ pub fn write(view: &RwLock<View>) -> std::sync::RwLockWriteGuard<'_, View> {
 
 const KINDS: usize = 5;
 
+/// Kinds the daemon's datastore already watches and caches: the IPAM view follows its
+/// stores instead of opening its own watches (one watch and one cache per kind).
+#[derive(Clone)]
+pub struct Shared {
+    pub pools: kube::runtime::reflector::Store<IPPool>,
+    pub nodes: kube::runtime::reflector::Store<Node>,
+    /// Bumped by the datastore after every change it applied.
+    pub changes: watch::Receiver<u64>,
+}
+
 impl ViewHandle {
     pub fn start(client: Client, node: &str) -> ViewHandle {
+        ViewHandle::start_with(client, node, None)
+    }
+
+    /// With `shared`, IPPools and this node's labels come from the datastore's stores.
+    pub fn start_with(client: Client, node: &str, shared: Option<Shared>) -> ViewHandle {
         let view = Arc::new(RwLock::new(View::new()));
         let (tx, synced) = watch::channel(false);
         let ready = Arc::new(Ready {
@@ -197,6 +216,12 @@ impl ViewHandle {
             tx,
         });
         let mut tasks = Vec::new();
+        let changes = Arc::new(watch::channel(0u64).0);
+        let failures = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let signals = Signals {
+            changes: changes.clone(),
+            failures: failures.clone(),
+        };
         let (overlap_tx, overlap_task) = events::spawn(client.clone(), node);
         write(&view).overlap_events = Some(overlap_tx);
         tasks.push(overlap_task);
@@ -205,7 +230,7 @@ impl ViewHandle {
             "IPAMBlock",
             Api::<IPAMBlock>::all(client.clone()),
             watcher::Config::default(),
-            (view.clone(), ready.clone()),
+            (view.clone(), ready.clone(), signals.clone()),
             |v, objs| {
                 v.blocks.clear();
                 v.infos.clear();
@@ -221,29 +246,38 @@ impl ViewHandle {
                 }
             },
         ));
-        tasks.push(spawn_watch(
-            "IPPool",
-            Api::<IPPool>::all(client.clone()),
-            watcher::Config::default(),
-            (view.clone(), ready.clone()),
-            |v, objs| {
-                v.pool_objs = objs.into_iter().map(|p| (p.name_any(), p)).collect();
-                v.rebuild_pools();
-            },
-            |v, p| {
-                v.pool_objs.insert(p.name_any(), p);
-                v.rebuild_pools();
-            },
-            |v, p| {
-                v.pool_objs.remove(&p.name_any());
-                v.rebuild_pools();
-            },
-        ));
+        let shared_kinds = shared.map(|s| {
+            tasks.push(spawn_follower(
+                s,
+                node.to_string(),
+                (view.clone(), ready.clone(), signals.clone()),
+            ))
+        });
+        if shared_kinds.is_none() {
+            tasks.push(spawn_watch(
+                "IPPool",
+                Api::<IPPool>::all(client.clone()),
+                watcher::Config::default(),
+                (view.clone(), ready.clone(), signals.clone()),
+                |v, objs| {
+                    v.pool_objs = objs.into_iter().map(|p| (p.name_any(), p)).collect();
+                    v.rebuild_pools();
+                },
+                |v, p| {
+                    v.pool_objs.insert(p.name_any(), p);
+                    v.rebuild_pools();
+                },
+                |v, p| {
+                    v.pool_objs.remove(&p.name_any());
+                    v.rebuild_pools();
+                },
+            ));
+        }
         tasks.push(spawn_watch(
             "IPAMConfig",
             Api::<IPAMConfig>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={IPAM_CONFIG_NAME}")),
-            (view.clone(), ready.clone()),
+            (view.clone(), ready.clone(), signals.clone()),
             |v, objs| v.set_config(objs.first()),
             |v, c| v.set_config(Some(&c)),
             |v, _| v.set_config(None),
@@ -252,7 +286,7 @@ impl ViewHandle {
             "IPReservation",
             Api::<IPReservation>::all(client.clone()),
             watcher::Config::default(),
-            (view.clone(), ready.clone()),
+            (view.clone(), ready.clone(), signals.clone()),
             |v, objs| {
                 v.reservation_objs = objs
                     .into_iter()
@@ -269,18 +303,24 @@ impl ViewHandle {
                 v.set_reservations();
             },
         ));
-        tasks.push(spawn_watch(
-            "Node",
-            Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={node}")),
-            (view.clone(), ready),
-            |v, objs| v.node_labels = objs.first().map(|n| n.labels().clone()).unwrap_or_default(),
-            |v, n| v.node_labels = n.labels().clone(),
-            |v, _| v.node_labels.clear(),
-        ));
+        if shared_kinds.is_none() {
+            tasks.push(spawn_watch(
+                "Node",
+                Api::<Node>::all(client),
+                watcher::Config::default().fields(&format!("metadata.name={node}")),
+                (view.clone(), ready, signals),
+                |v, objs| {
+                    v.node_labels = objs.first().map(|n| n.labels().clone()).unwrap_or_default()
+                },
+                |v, n| v.node_labels = n.labels().clone(),
+                |v, _| v.node_labels.clear(),
+            ));
+        }
         ViewHandle {
             view,
             synced,
+            changes,
+            failures,
             tasks,
         }
     }
@@ -334,12 +374,90 @@ impl Ready {
     }
 }
 
+/// What the watches tell the rest of the daemon besides the view itself.
+#[derive(Clone)]
+struct Signals {
+    changes: Arc<watch::Sender<u64>>,
+    failures: Arc<std::sync::Mutex<BTreeMap<&'static str, (std::time::Instant, String)>>>,
+}
+
+impl Signals {
+    fn changed(&self, kind: &'static str) {
+        self.changes.send_modify(|g| *g += 1);
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(kind);
+    }
+
+    fn failed(&self, kind: &'static str, why: String) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .and_modify(|(_, w)| *w = why.clone())
+            .or_insert((std::time::Instant::now(), why));
+    }
+}
+
+/// Follows the datastore's IPPool and Node stores: on each change it rebuilds the pools
+/// when their versions changed and takes this node's labels. Counts as the IPPool and Node
+/// "watches" for the view's sync (the datastore synced before IPAM starts).
+fn spawn_follower(
+    shared: Shared,
+    node: String,
+    (view, ready, signals): (Arc<RwLock<View>>, Arc<Ready>, Signals),
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut changes = shared.changes;
+        let mut seen_pools: Vec<(String, Option<String>)> = Vec::new();
+        let mut seen_labels = None;
+        loop {
+            changes.borrow_and_update();
+            let pools = shared.pools.state();
+            let mut versions: Vec<(String, Option<String>)> = pools
+                .iter()
+                .map(|p| (p.name_any(), p.resource_version()))
+                .collect();
+            versions.sort();
+            if versions != seen_pools {
+                let mut v = write(&view);
+                v.pool_objs = pools
+                    .iter()
+                    .map(|p| (p.name_any(), (**p).clone()))
+                    .collect();
+                v.rebuild_pools();
+                drop(v);
+                seen_pools = versions;
+                signals.changed("IPPool");
+            }
+            let labels = shared
+                .nodes
+                .state()
+                .iter()
+                .find(|n| n.name_any() == node)
+                .map(|n| n.labels().clone())
+                .unwrap_or_default();
+            if seen_labels.as_ref() != Some(&labels) {
+                write(&view).node_labels = labels.clone();
+                seen_labels = Some(labels);
+                signals.changed("Node");
+            }
+            ready.mark("IPPool");
+            ready.mark("Node");
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// One watch: relists replace the kind's state atomically (Init…InitDone), events patch it.
 fn spawn_watch<K>(
     kind: &'static str,
     api: Api<K>,
     cfg: watcher::Config,
-    (view, ready): (Arc<RwLock<View>>, Arc<Ready>),
+    (view, ready, signals): (Arc<RwLock<View>>, Arc<Ready>, Signals),
     on_list: impl Fn(&mut View, Vec<K>) + Send + 'static,
     on_apply: impl Fn(&mut View, K) + Send + 'static,
     on_delete: impl Fn(&mut View, K) + Send + 'static,
@@ -357,10 +475,20 @@ where
                 Ok(Event::InitDone) => {
                     on_list(&mut write(&view), std::mem::take(&mut pending));
                     ready.mark(kind);
+                    signals.changed(kind);
                 }
-                Ok(Event::Apply(o)) => on_apply(&mut write(&view), o),
-                Ok(Event::Delete(o)) => on_delete(&mut write(&view), o),
-                Err(e) => tracing::warn!(kind, error = %e, "IPAM watch failed; retrying"),
+                Ok(Event::Apply(o)) => {
+                    on_apply(&mut write(&view), o);
+                    signals.changed(kind);
+                }
+                Ok(Event::Delete(o)) => {
+                    on_delete(&mut write(&view), o);
+                    signals.changed(kind);
+                }
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "IPAM watch failed; retrying");
+                    signals.failed(kind, e.to_string());
+                }
             }
         }
     })

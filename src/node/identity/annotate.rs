@@ -16,8 +16,8 @@ pub enum Annotation {
 
 pub fn annotation_key(family: Family) -> &'static str {
     match family {
-        Family::V4 => "projectcalico.org/IPv4Address",
-        Family::V6 => "projectcalico.org/IPv6Address",
+        Family::V4 => crate::api::vocab::NODE_IPV4_ADDRESS,
+        Family::V6 => crate::api::vocab::NODE_IPV6_ADDRESS,
     }
 }
 

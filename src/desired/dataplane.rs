@@ -8,11 +8,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-/// Calico's device names and route protocol (felix dataplane_defs).
-pub const VXLAN_DEVICE: &str = "vxlan.calico";
-pub const IPIP_DEVICE: &str = "tunl0";
-pub const ROUTE_PROTOCOL: u8 = 80;
-pub const MAIN_TABLE: u32 = 254;
+pub use super::{IPIP_DEVICE, MAIN_TABLE, ROUTE_PROTOCOL, VXLAN_DEVICE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Mac(pub [u8; 6]);
