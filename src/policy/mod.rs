@@ -7,6 +7,7 @@
 pub mod calico;
 pub mod cli;
 pub mod cluster;
+pub mod compile;
 pub mod diagnostic;
 pub mod endpoint;
 pub mod eval;
