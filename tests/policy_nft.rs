@@ -232,6 +232,37 @@ fn compiled_table_in_the_kernel_decides_every_flow_like_the_evaluator() {
         probe(&node, "10.0.0.2", Protocol::TCP, 9090),
         "host → pod was policed"
     );
+    // A pod sending from an address that is not its own is dropped on the way in.
+    let web = &pods[0];
+    web.exec_ok(&["ip", "addr", "add", "10.0.0.77/32", "dev", "eth0"])
+        .unwrap();
+    let spoofed = web
+        .run(|| {
+            let s = UdpSocket::bind("10.0.0.77:0").unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            for _ in 0..3 {
+                s.send_to(b"spoof", "10.0.1.2:53").unwrap();
+            }
+            let mut b = [0u8; 8];
+            s.recv_from(&mut b).is_ok()
+        })
+        .unwrap();
+    assert!(!spoofed, "a spoofed datagram got an answer");
+    let raw = node
+        .exec_ok(&[
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "tortie-policy",
+            "raw-prerouting",
+        ])
+        .unwrap();
+    assert!(raw.contains("counter packets 3 "), "{raw}");
+    assert!(
+        probe(web, "10.0.1.2", Protocol::UDP, 53),
+        "web's own address still works"
+    );
     assert!(
         allowed > 0 && allowed < total,
         "{allowed} of {total} allowed: the table proves nothing"

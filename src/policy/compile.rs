@@ -31,6 +31,7 @@ pub const TABLE: &str = "tortie-policy";
 pub const FAMILY: Family = Family::Inet;
 pub const FORWARD_CHAIN: &str = "forward";
 pub const INPUT_CHAIN: &str = "input";
+pub const RAW_PREROUTING_CHAIN: &str = "raw-prerouting";
 pub const FROM_DISPATCH: &str = "from-wl-dispatch";
 pub const TO_DISPATCH: &str = "to-wl-dispatch";
 /// Felix's workload interface prefix.
@@ -152,6 +153,22 @@ impl Compiler<'_> {
                 },
             );
         }
+
+        // Anti-spoofing in one rule, not one per pod: every pod has a /32 route through its
+        // own interface, so a source address without a reverse route via the interface the
+        // packet came in on is not the pod's.
+        self.table.chains.insert(
+            RAW_PREROUTING_CHAIN.into(),
+            Chain {
+                hook: Some(Hook {
+                    priority: -300,
+                    ..hook("prerouting")
+                }),
+                rules: vec![NftRule::new(format!(
+                    "iifname {wl} fib saddr . iif oif missing counter drop"
+                ))],
+            },
+        );
     }
 
     fn endpoint_chain(&mut self, ep: &Endpoint, dir: Direction) -> Vec<String> {
