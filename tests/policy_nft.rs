@@ -5,6 +5,9 @@
 
 mod support;
 
+#[path = "policy_gen/mod.rs"]
+mod policy_gen;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Stdio;
@@ -165,24 +168,7 @@ fn compiled_table_in_the_kernel_decides_every_flow_like_the_evaluator() {
     let m = model();
     let table = compile(&m, &CompileOptions::default());
     let script = tortie::dataplane::nft::render::full(&table);
-    let mut child = node
-        .command(&["nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft rejected the table: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load(&node, &script);
 
     let cells: [(Protocol, u16); 5] = [
         (Protocol::TCP, 8080),
@@ -272,4 +258,139 @@ fn compiled_table_in_the_kernel_decides_every_flow_like_the_evaluator() {
         "kernel differs from the evaluator:\n{}\n\ntable:\n{script}",
         diff.join("\n")
     );
+}
+
+/// Loads `script` into `node` as one transaction (replacing the table when present).
+fn load(node: &NetNs, script: &str) {
+    let mut child = node
+        .command(&["nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft rejected the table: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Random Kubernetes policy sets (the oracle test's generator) compiled and loaded into the
+/// kernel: every TCP and UDP flow between 9 pods on ports 80 and 81 is probed at once and
+/// must match the evaluator (which itself matches cyclonus). SCTP is left to the oracle
+/// test: std has no SCTP sockets.
+#[test]
+fn random_kubernetes_policies_in_the_kernel_match_the_evaluator() {
+    use policy_gen::{NAMESPACES, PODS as GEN_PODS, pod_ip};
+    let node = NetNs::new("polrnode").unwrap();
+    node.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    let uplink = NetNs::new("polrup").unwrap();
+    support::veth_pair(&node, "up0", &uplink, "eth0").unwrap();
+    node.exec_ok(&["ip", "addr", "add", "198.18.0.1/24", "dev", "up0"])
+        .unwrap();
+    node.exec_ok(&["ip", "route", "add", "default", "via", "198.18.0.2"])
+        .unwrap();
+    let mut pods = Vec::new();
+    for (ni, (ns, _)) in NAMESPACES.iter().enumerate() {
+        for (pi, (pod, _)) in GEN_PODS.iter().enumerate() {
+            let netns = NetNs::new(&format!("polr{ns}{pod}")).unwrap();
+            let ip = pod_ip(ni, pi);
+            plumb_pod(&node, &netns, &format!("cali{ni}{pi}"), &ip, None).unwrap();
+            for port in [80u16, 81] {
+                let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+                let l = netns.run(move || TcpListener::bind(addr)).unwrap().unwrap();
+                std::thread::spawn(move || {
+                    for mut s in l.incoming().flatten() {
+                        let _ = s.write_all(b"ok");
+                    }
+                });
+                let u = netns.run(move || UdpSocket::bind(addr)).unwrap().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while let Ok((n, from)) = u.recv_from(&mut buf) {
+                        let _ = u.send_to(&buf[..n], from);
+                    }
+                });
+            }
+            pods.push((format!("{ns}/{pod}"), ip, format!("cali{ni}{pi}"), netns));
+        }
+    }
+    let seeds: Vec<u64> = (0..16).map(|i| 20261202 + i * 7).collect();
+    let mut failures = Vec::new();
+    let (mut total, mut allowed) = (0, 0);
+    for seed in seeds {
+        let policies = policy_gen::policies(seed);
+        let mut c = policy_gen::cluster();
+        c.k8s_policies = policies
+            .iter()
+            .map(|p| serde_json::from_value(p.clone()).unwrap())
+            .collect();
+        let mut m = build_model(&c);
+        for ep in &mut m.endpoints {
+            let key = ep.key();
+            ep.interface = pods.iter().find(|p| p.0 == key).map(|p| p.2.clone());
+        }
+        let script = tortie::dataplane::nft::render::full(&compile(&m, &CompileOptions::default()));
+        load(&node, &script);
+        // Every cell at once: a denied probe costs a full timeout.
+        let mut cells = Vec::new();
+        for src in &pods {
+            for dst in &pods {
+                if src.0 == dst.0 {
+                    continue;
+                }
+                for proto in [Protocol::TCP, Protocol::UDP] {
+                    for port in [80u16, 81] {
+                        cells.push((src, dst, proto, port));
+                    }
+                }
+            }
+        }
+        let results: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = cells
+                .iter()
+                .map(|(src, dst, proto, port)| {
+                    s.spawn(move || probe(&src.3, &dst.1, *proto, *port))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut diff = Vec::new();
+        for ((src, dst, proto, port), got) in cells.iter().zip(results) {
+            let flow = Flow::new(
+                src.1.parse().unwrap(),
+                dst.1.parse().unwrap(),
+                *proto,
+                *port,
+            );
+            let want = evaluate(&m, &flow).allowed;
+            total += 1;
+            allowed += usize::from(want);
+            if want != got {
+                diff.push(format!(
+                    "  {} -> {} {port}/{proto}: evaluator {want}, kernel {got}",
+                    src.0, dst.0
+                ));
+            }
+        }
+        if !diff.is_empty() {
+            failures.push(format!(
+                "seed {seed}: {} flows differ\n{}\npolicies: {}",
+                diff.len(),
+                diff.join("\n"),
+                serde_json::to_string_pretty(&policies).unwrap()
+            ));
+        }
+    }
+    eprintln!("{total} kernel flows probed, {allowed} allowed");
+    assert!(allowed > 0 && allowed < total);
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
