@@ -240,7 +240,7 @@ impl Compiler<'_> {
                 truncate(&format!("tortie {comment}: "), 127)
             ),
         };
-        let mut out = Vec::new();
+        let mut per_family: Vec<(u8, Vec<String>)> = Vec::new();
         for fam in [4u8, 6] {
             if m.ip_version.is_some_and(|v| v != fam) {
                 continue;
@@ -301,11 +301,36 @@ impl Compiler<'_> {
                         parts.extend(s.iter().cloned());
                         parts.extend(d.iter().cloned());
                         parts.extend(n.iter().cloned());
-                        parts.push(verdict.clone());
-                        out.push(parts.join(" "));
+                        per_family.push((fam, parts));
                     }
                 }
             }
+        }
+        // In an `inet` table a rule without an address match sees both families, while the
+        // model's rule is per family (Felix has one table per family): such a rule gets
+        // `meta nfproto`, unless both families ask for exactly the same rule.
+        let specific = |parts: &[String]| {
+            parts
+                .iter()
+                .any(|p| p.starts_with("ip ") || p.starts_with("ip6 "))
+        };
+        let mut out = Vec::new();
+        let mut shared_done: Vec<&Vec<String>> = Vec::new();
+        for (fam, parts) in &per_family {
+            let mut line = parts.clone();
+            if !specific(parts) {
+                let both = per_family.iter().filter(|(_, q)| q == parts).count() == 2;
+                if both {
+                    if shared_done.contains(&parts) {
+                        continue;
+                    }
+                    shared_done.push(parts);
+                } else {
+                    line.insert(0, format!("meta nfproto ipv{fam}"));
+                }
+            }
+            line.push(verdict.clone());
+            out.push(line.join(" "));
         }
         out
     }
@@ -591,6 +616,118 @@ pub fn endpoint_policies<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::cluster::{ClusterObjects, build_model};
+
+    fn model(db_app: &str, extra_pod: bool) -> Model {
+        let pod = |name: &str, ip: &str, app: &str| -> k8s_openapi::api::core::v1::Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "prod", "name": name, "labels": {"app": app}},
+                "spec": {"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+            }))
+            .unwrap()
+        };
+        let mut c = ClusterObjects::default();
+        c.pods.push(pod("web", "10.0.0.1", "web"));
+        c.pods.push(pod("db", "10.0.0.2", db_app));
+        if extra_pod {
+            c.pods.push(pod("client", "10.0.0.3", "client"));
+        }
+        c.network_policies.push(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "prod", "name": "web-in"},
+                "spec": {"selector": "app == 'web'", "ingress": [
+                    {"action": "Allow", "protocol": "TCP",
+                     "source": {"selector": "app == 'db'"}, "destination": {"ports": ["http", 80, 443]}}]}
+            }))
+            .unwrap(),
+        );
+        let mut m = build_model(&c);
+        for ep in &mut m.endpoints {
+            ep.interface = Some(format!("cali{}", ep.name));
+        }
+        m
+    }
+
+    #[test]
+    fn a_label_change_of_a_peer_changes_set_elements_only() {
+        let before = compile(&model("db", false), &CompileOptions::default());
+        let after = compile(&model("cache", false), &CompileOptions::default());
+        assert_eq!(before.chains, after.chains, "no chain may change");
+        let changed: Vec<&String> = before
+            .sets
+            .keys()
+            .filter(|k| before.sets.get(*k) != after.sets.get(*k))
+            .collect();
+        assert_eq!(changed.len(), 1, "only the app == 'db' set: {changed:?}");
+        assert!(changed[0].starts_with("s4-"));
+        assert_eq!(
+            before.sets.keys().collect::<Vec<_>>(),
+            after.sets.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_new_pod_adds_its_chains_and_dispatch_entries_only() {
+        let before = compile(&model("db", false), &CompileOptions::default());
+        let after = compile(&model("db", true), &CompileOptions::default());
+        let changed: Vec<&String> = after
+            .chains
+            .keys()
+            .filter(|k| before.chains.get(*k) != after.chains.get(*k))
+            .collect();
+        assert_eq!(
+            changed,
+            [FROM_DISPATCH, "fw-caliclient", TO_DISPATCH, "tw-caliclient"]
+        );
+        // Its named port joins the named-port set: elements only.
+        assert_eq!(
+            before.sets.keys().collect::<Vec<_>>(),
+            after.sets.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn selected_policies_only_and_rules_share_sets() {
+        let t = compile(&model("db", false), &CompileOptions::default());
+        let tw_db = &t.chains["tw-calidb"].rules;
+        assert!(
+            tw_db.iter().all(|r| !r.text.contains("pi-")),
+            "db is not selected"
+        );
+        let tw_web: Vec<&str> = t.chains["tw-caliweb"]
+            .rules
+            .iter()
+            .map(|r| r.text.as_str())
+            .collect();
+        assert!(tw_web.contains(&"meta mark & 0x00020000 == 0 jump pi-np.prod.web-in"));
+        let pi: Vec<&str> = t.chains["pi-np.prod.web-in"]
+            .rules
+            .iter()
+            .map(|r| r.text.as_str())
+            .collect();
+        // Per family: numeric ports in one named interval set, the named port in an
+        // addr.proto.port set, both rules on the same selector set. Both families are always
+        // present so that a pod of the other family later changes elements, not chains.
+        assert_eq!(pi.len(), 4, "{pi:?}");
+        assert!(
+            pi[..2].iter().all(|r| r.contains("ip saddr @s4-")),
+            "{pi:?}"
+        );
+        assert!(
+            pi[2..].iter().all(|r| r.contains("ip6 saddr @s6-")),
+            "{pi:?}"
+        );
+        assert!(pi[0].contains("th dport @p-"), "{pi:?}");
+        assert!(
+            pi[1].contains("ip daddr . meta l4proto . th dport @np4-"),
+            "{pi:?}"
+        );
+        assert!(
+            !pi.iter().any(|r| r.contains('{')),
+            "no anonymous sets: {pi:?}"
+        );
+    }
 
     #[test]
     fn nets_become_disjoint_and_port_ranges_merge() {
