@@ -520,6 +520,16 @@ fn calico_only_rules_in_the_kernel_match_the_evaluator() {
         "spec": {"order": 1, "selector": "app == 'tool'", "types": ["Ingress"],
                  "ingress": [{"action": "Deny", "protocol": "TCP", "destination": {"ports": [9090]}}]}
     })).unwrap());
+    // Staged: db would only admit web on TCP 8080. Never enforced; counted.
+    c.staged_network_policies.push(
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "prod", "name": "db-lockdown"},
+            "spec": {"selector": "app == 'db'", "types": ["Ingress"],
+                     "ingress": [{"action": "Allow", "protocol": "TCP",
+                                  "source": {"selector": "app == 'web'"}, "destination": {"ports": [8080]}}]}
+        }))
+        .unwrap(),
+    );
     let mut m = build_model(&c);
     assert!(m.diagnostics.is_empty(), "{:?}", m.diagnostics);
     for ep in &mut m.endpoints {
@@ -541,6 +551,42 @@ fn calico_only_rules_in_the_kernel_match_the_evaluator() {
         diff.is_empty(),
         "kernel differs from the evaluator:\n{}\n\ntable:\n{script}",
         diff.join("\n")
+    );
+    // The staged policy dropped nothing (the comparison above) but counted, once per new
+    // flow, every flow to db the evaluator says it would deny.
+    let mut would_deny = 0;
+    for src in PODS.iter().filter(|p| p.1 != "db") {
+        for (proto, port, icmp) in cells {
+            let mut flow = Flow::new(
+                src.2.parse().unwrap(),
+                "10.0.0.2".parse().unwrap(),
+                proto,
+                port,
+            );
+            if let Some((t, c)) = icmp {
+                flow.icmp_type = Some(t);
+                flow.icmp_code = Some(c);
+            }
+            let v = evaluate(&m, &flow);
+            let ing = v.ingress.unwrap();
+            assert!(ing.allowed, "db's ingress is not enforced here");
+            would_deny += ing.staged_would_deny.len();
+        }
+    }
+    assert!(would_deny > 0);
+    let audit = node
+        .exec_ok(&[
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "tortie-policy",
+            "sti-calidb00-snp.prod.db-lockdown",
+        ])
+        .unwrap();
+    assert!(
+        audit.contains(&format!("counter packets {would_deny} ")),
+        "want {would_deny} would-deny packets:\n{audit}"
     );
     // The Log rule logged (the kernel counts what the log statement saw).
     let web = node

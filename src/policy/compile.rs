@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha224};
 
 use crate::desired::nft::{Chain, Element, Family, Hook, Rule as NftRule, Set, Table};
-use crate::desired::{MARK_ACCEPT, MARK_PASS};
+use crate::desired::{MARK_ACCEPT, MARK_PASS, MARK_SCRATCH0};
 use crate::selector::Selector;
 
 use super::endpoint::Endpoint;
@@ -183,6 +183,7 @@ impl Compiler<'_> {
             .iter()
             .filter(|p| p.applies(dir) && p.selects(ep))
             .collect();
+        rules.extend(self.staged_audits(ep, dir, &policies));
         for p in &policies {
             let chain = self.policy_chain(p, dir);
             rules.push(format!("meta mark & {MARK_PASS:#010x} == 0 jump {chain}"));
@@ -195,6 +196,78 @@ impl Compiler<'_> {
         // The namespace profile (`kns.<ns>`) allows.
         rules.push(set_mark_and_return(MARK_ACCEPT));
         rules
+    }
+
+    /// Staged policies never decide; each one selecting the endpoint gets an audit chain
+    /// that walks the tier as it would be with the staged policy enforced (the enforced
+    /// policies' own chains plus the staged one's, whose Deny only sets a scratch mark) and
+    /// counts the packets that tier would deny, then clears the marks. Reusing the enforced
+    /// chains is exact for a staged policy that adds to the tier: any enforced Deny reached
+    /// there is reached by enforcement as well. Staged policies that replace or delete an
+    /// enforced one are not counted (they need copies of the enforced chains).
+    fn staged_audits(
+        &mut self,
+        ep: &Endpoint,
+        dir: Direction,
+        enforced: &[&Policy],
+    ) -> Vec<String> {
+        let Some(iface) = ep.interface.clone() else {
+            return Vec::new();
+        };
+        let staged: Vec<&Policy> = self
+            .model
+            .staged
+            .iter()
+            .filter(|s| s.applies(dir) && s.selects(ep))
+            .filter(|s| {
+                s.staged_action
+                    .is_none_or(|a| a == crate::api::StagedAction::Set)
+            })
+            .filter(|s| {
+                !self.model.policies.iter().any(|p| {
+                    p.id.kind == s.id.kind.enforced()
+                        && p.id.namespace == s.id.namespace
+                        && p.id.name == s.id.name
+                })
+            })
+            .collect();
+        let decided = MARK_ACCEPT | MARK_PASS | MARK_SCRATCH0;
+        let mut jumps = Vec::new();
+        for st in &staged {
+            let mut tier: Vec<&Policy> = enforced.to_vec();
+            let at = tier
+                .binary_search_by(|q| super::model::policy_order(q, st))
+                .unwrap_or_else(|i| i);
+            tier.insert(at, st);
+            let mut rules = Vec::new();
+            for p in tier {
+                let chain = self.policy_chain(p, dir);
+                rules.push(format!("meta mark & {decided:#010x} == 0 jump {chain}"));
+            }
+            // Neither allowed nor passed: the tier would deny (a staged Deny or its end).
+            // (The driver owns rule comments; the chain's name says which policy counts.)
+            rules.push(format!(
+                "meta mark & {:#010x} == 0 counter",
+                MARK_ACCEPT | MARK_PASS
+            ));
+            rules.push(format!(
+                "meta mark set meta mark & {:#010x} return",
+                !decided
+            ));
+            let d = match dir {
+                Direction::Ingress => "i",
+                Direction::Egress => "o",
+            };
+            let ns = if st.id.namespace.is_empty() {
+                "_"
+            } else {
+                &st.id.namespace
+            };
+            let name = format!("st{d}-{iface}-{}.{ns}.{}", st.id.kind.short(), st.id.name);
+            self.chain(&name, rules);
+            jumps.push(format!("jump {name}"));
+        }
+        jumps
     }
 
     /// The chain of one policy in one direction (shared by every endpoint it selects).
@@ -217,7 +290,7 @@ impl Compiler<'_> {
             let mut rules = Vec::new();
             for (i, r) in p.rules(dir).iter().enumerate() {
                 let comment = format!("{} {dir} rule {i}", p.id.display_name());
-                rules.extend(self.rule(r, &comment));
+                rules.extend(self.rule(r, &comment, p.id.kind.is_staged()));
             }
             self.chain(&name, rules);
         }
@@ -226,7 +299,7 @@ impl Compiler<'_> {
 
     /// One model rule → nft rules (one per family and per alternative; alternatives are
     /// ORed by being separate rules with the same verdict).
-    fn rule(&mut self, r: &Rule, comment: &str) -> Vec<String> {
+    fn rule(&mut self, r: &Rule, comment: &str, staged: bool) -> Vec<String> {
         let m = &r.matches;
         if m.unmatchable {
             return Vec::new();
@@ -234,6 +307,8 @@ impl Compiler<'_> {
         let verdict = match r.action {
             Action::Allow => set_mark_and_return(MARK_ACCEPT),
             Action::Pass => set_mark_and_return(MARK_PASS),
+            // A staged policy's Deny only tells its audit chain.
+            Action::Deny if staged => set_mark_and_return(MARK_SCRATCH0),
             Action::Deny => "counter drop".to_string(),
             Action::Log => format!(
                 "log prefix \"{}\" level info",
