@@ -15,5 +15,6 @@ pub mod http;
 pub mod ipam;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod selector;
 pub mod telemetry;

@@ -27,6 +27,8 @@ enum Command {
     Node(config::NodeArgs),
     /// Operator view of IPAM: show utilisation, check consistency, release an address.
     Ipam(tortie::ipam::cli::IpamArgs),
+    /// Network policy tools: explain why a flow is allowed or denied.
+    Policy(tortie::policy::cli::PolicyArgs),
     /// Print version, git commit, compiler and target.
     Version,
     /// (Re)write the CRD manifests generated from src/api.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Node(args) => node::main(args),
         Command::Ipam(args) => tortie::ipam::cli::run(args),
+        Command::Policy(args) => tortie::policy::cli::run(args),
         Command::Version => {
             print!("{}", BuildInfo::CURRENT.render());
             ExitCode::SUCCESS

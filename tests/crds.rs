@@ -70,6 +70,9 @@ has_spec!(
     KubeControllersConfiguration => KubeControllersConfigurationSpec,
     NetworkSet => NetworkSetSpec,
     GlobalNetworkSet => GlobalNetworkSetSpec,
+    StagedNetworkPolicy => StagedNetworkPolicySpec,
+    StagedGlobalNetworkPolicy => StagedGlobalNetworkPolicySpec,
+    StagedKubernetesNetworkPolicy => StagedKubernetesNetworkPolicySpec,
 );
 
 fn time(s: &str) -> Time {
@@ -598,4 +601,46 @@ async fn calico_config_kinds_and_network_sets_round_trip_unchanged() {
         err.to_string().contains("nets entries must be CIDRs"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn staged_policies_round_trip_and_keep_their_staged_action() {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client();
+    let snp: StagedNetworkPolicySpec = serde_json::from_value(serde_json::json!({
+        "stagedAction": "Delete",
+        "order": 10,
+        "selector": "app == 'web'",
+        "types": ["Ingress"],
+        "ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80, "http"]}}]
+    }))
+    .expect("staged spec");
+    let read = round_trip(
+        &Api::namespaced(client.clone(), "default"),
+        StagedNetworkPolicy::new("audit-web", snp),
+    )
+    .await;
+    assert_eq!(read.spec.staged_action, StagedAction::Delete);
+    let sgnp: StagedGlobalNetworkPolicySpec = serde_json::from_value(serde_json::json!({
+        "namespaceSelector": "team == 'blue'",
+        "egress": [{"action": "Deny", "destination": {"nets": ["192.0.2.0/24"]}}]
+    }))
+    .expect("staged global spec");
+    round_trip(
+        &Api::all(client.clone()),
+        StagedGlobalNetworkPolicy::new("audit-egress", sgnp),
+    )
+    .await;
+    let sknp: StagedKubernetesNetworkPolicySpec = serde_json::from_value(serde_json::json!({
+        "podSelector": {"matchLabels": {"app": "db"}},
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}],
+                     "ports": [{"port": 5432, "endPort": 5433}]}]
+    }))
+    .expect("staged k8s spec");
+    round_trip(
+        &Api::namespaced(client.clone(), "default"),
+        StagedKubernetesNetworkPolicy::new("audit-db", sknp),
+    )
+    .await;
 }

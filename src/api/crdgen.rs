@@ -28,6 +28,9 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         super::KubeControllersConfiguration::crd(),
         super::NetworkSet::crd(),
         super::GlobalNetworkSet::crd(),
+        super::StagedNetworkPolicy::crd(),
+        super::StagedGlobalNetworkPolicy::crd(),
+        super::StagedKubernetesNetworkPolicy::crd(),
     ]
 }
 
@@ -166,13 +169,19 @@ mod tests {
             .map(|c| (c.spec.names.kind, c.spec.scope))
             .collect();
         for (kind, scope) in &scopes {
-            let want = if ["NetworkPolicy", "NetworkSet"].contains(&kind.as_str()) {
+            let namespaced = [
+                "NetworkPolicy",
+                "NetworkSet",
+                "StagedNetworkPolicy",
+                "StagedKubernetesNetworkPolicy",
+            ];
+            let want = if namespaced.contains(&kind.as_str()) {
                 "Namespaced"
             } else {
                 "Cluster"
             };
             assert_eq!(scope, want, "{kind}");
         }
-        assert_eq!(scopes.len(), 13);
+        assert_eq!(scopes.len(), 16);
     }
 }

@@ -16,6 +16,9 @@ pub mod kubecontrollersconfiguration;
 pub mod networkpolicy;
 pub mod networkset;
 pub mod rule;
+pub mod stagedglobalnetworkpolicy;
+pub mod stagedkubernetesnetworkpolicy;
+pub mod stagednetworkpolicy;
 pub mod vocab;
 
 pub use blockaffinity::{AffinityState, AffinityType, BlockAffinity, BlockAffinitySpec};
@@ -39,6 +42,11 @@ pub use rule::{
     Action, EntityRule, HTTPMatch, HTTPPath, ICMPFields, Rule, RuleMetadata, ServiceAccountMatch,
     ServiceMatch,
 };
+pub use stagedglobalnetworkpolicy::{StagedGlobalNetworkPolicy, StagedGlobalNetworkPolicySpec};
+pub use stagedkubernetesnetworkpolicy::{
+    StagedKubernetesNetworkPolicy, StagedKubernetesNetworkPolicySpec,
+};
+pub use stagednetworkpolicy::{StagedAction, StagedNetworkPolicy, StagedNetworkPolicySpec};
 
 /// API group of Calico's storage CRDs.
 pub const GROUP: &str = "crd.projectcalico.org";

@@ -109,20 +109,22 @@ pub enum PerformanceHint {
     AssumeNeededOnEveryNode,
 }
 
-/// Calico's rule for a policy without `types`: Ingress always, Egress when it has egress rules.
-fn default_types(has_egress: bool) -> Vec<PolicyType> {
-    let mut t = vec![PolicyType::Ingress];
-    if has_egress {
-        t.push(PolicyType::Egress);
+/// What Calico's API server writes into an absent `types` (`api/pkg/defaults`): no egress
+/// rules → Ingress (also when there are no rules at all); egress rules only → Egress; both →
+/// both. CRDs applied with kubectl skip that defaulting, so readers call this instead.
+pub fn default_types(has_ingress: bool, has_egress: bool) -> Vec<PolicyType> {
+    match (has_ingress, has_egress) {
+        (_, false) => vec![PolicyType::Ingress],
+        (false, true) => vec![PolicyType::Egress],
+        (true, true) => vec![PolicyType::Ingress, PolicyType::Egress],
     }
-    t
 }
 
 impl NetworkPolicySpec {
     /// `types`, or what Calico derives when it is absent.
     pub fn effective_types(&self) -> Vec<PolicyType> {
         if self.types.is_empty() {
-            default_types(!self.egress.is_empty())
+            default_types(!self.ingress.is_empty(), !self.egress.is_empty())
         } else {
             self.types.clone()
         }
@@ -133,7 +135,7 @@ impl GlobalNetworkPolicySpec {
     /// `types`, or what Calico derives when it is absent.
     pub fn effective_types(&self) -> Vec<PolicyType> {
         if self.types.is_empty() {
-            default_types(!self.egress.is_empty())
+            default_types(!self.ingress.is_empty(), !self.egress.is_empty())
         } else {
             self.types.clone()
         }
@@ -146,17 +148,24 @@ mod tests {
     use crate::api::rule::Action;
 
     #[test]
-    fn missing_types_follow_the_rule_lists() {
-        let mut p = NetworkPolicySpec::default();
-        assert_eq!(p.effective_types(), [PolicyType::Ingress]);
-        p.egress.push(super::super::rule::Rule {
+    fn missing_types_follow_the_rule_lists_as_calicos_api_defaults_them() {
+        let rule = || super::super::rule::Rule {
             action: Action::Deny,
             ..Default::default()
-        });
+        };
+        let mut p = NetworkPolicySpec::default();
+        assert_eq!(p.effective_types(), [PolicyType::Ingress]);
+        p.egress.push(rule());
+        assert_eq!(p.effective_types(), [PolicyType::Egress]);
+        p.ingress.push(rule());
         assert_eq!(
             p.effective_types(),
             [PolicyType::Ingress, PolicyType::Egress]
         );
+        p.egress.clear();
+        assert_eq!(p.effective_types(), [PolicyType::Ingress]);
+        p.types = vec![PolicyType::Egress];
+        assert_eq!(p.effective_types(), [PolicyType::Egress]);
     }
 
     #[test]
