@@ -282,3 +282,19 @@ async fn every_document_passes_a_server_side_dry_run() {
         kube::Api::namespaced(client, "kube-system");
     assert!(ds.get_opt("tortie-node").await.expect("get").is_none());
 }
+
+/// `kubectl apply` (client side) stores each object as JSON in the
+/// `kubectl.kubernetes.io/last-applied-configuration` annotation, and annotations are limited
+/// to 256 KiB in total: a larger object (Calico's CRDs are) would need `--server-side`.
+#[test]
+fn every_document_fits_kubectl_apply_s_last_applied_annotation() {
+    for doc in &Manifest::load().docs {
+        let size = serde_json::to_vec(doc).expect("JSON").len();
+        assert!(
+            size < 256 * 1024,
+            "{} {} is {size} bytes as JSON",
+            doc["kind"],
+            doc["metadata"]["name"]
+        );
+    }
+}
