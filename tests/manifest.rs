@@ -277,6 +277,7 @@ async fn every_document_passes_a_server_side_dry_run() {
         .await
         .expect_err("port 70000 must be rejected");
     assert!(format!("{err:#}").contains("containerPort"), "{err:#}");
+    support::manifest::kubectl_dry_run(cp.kubeconfig_path(), &["manifests/tortie.yaml"]);
     // Dry run stored nothing.
     let ds: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
         kube::Api::namespaced(client, "kube-system");
