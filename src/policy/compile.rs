@@ -530,7 +530,16 @@ impl Compiler<'_> {
         self.table.sets.entry(name.clone()).or_insert_with(|| Set {
             kind: "inet_service".into(),
             flags: vec!["interval".into()],
-            elements: merged.iter().map(|p| Element::Text(text(*p))).collect(),
+            elements: merged
+                .iter()
+                .map(|&(a, b)| {
+                    if a == b {
+                        Element::Port(a)
+                    } else {
+                        Element::Text(text((a, b)))
+                    }
+                })
+                .collect(),
         });
         format!("@{name}")
     }
@@ -592,7 +601,10 @@ impl Compiler<'_> {
                     .filter(|n| n.name == port && n.protocol == proto)
                 {
                     for ip in ep.ips.iter().filter(|ip| ip_family(ip) == fam) {
-                        elements.insert(Element::Text(format!("{ip} . {} . {}", proto.0, np.port)));
+                        // Named ports exist only for TCP, UDP and SCTP; written as nft
+                        // lists them, so a drift check compares like with like.
+                        let p = proto.name().to_ascii_lowercase();
+                        elements.insert(Element::Text(format!("{ip} . {p} . {}", np.port)));
                     }
                 }
             }

@@ -119,6 +119,17 @@ fn element(v: &Value) -> Element {
                     return Element::net(net);
                 }
             }
+            // Port ranges and concatenations (policy's port and named-port sets) in the
+            // text form the desired model writes: `9000-9100`, `10.0.0.1 . tcp . 8080`.
+            if let Some(Value::Array(r)) = o.get("range")
+                && let [a, b] = r.as_slice()
+            {
+                return Element::Text(format!("{}-{}", scalar(a), scalar(b)));
+            }
+            if let Some(Value::Array(parts)) = o.get("concat") {
+                let parts: Vec<String> = parts.iter().map(scalar).collect();
+                return Element::Text(parts.join(" . "));
+            }
             // `{"elem": {"val": …, "timeout": …}}`: the value is what identifies it.
             if let Some(val) = o.get("elem").and_then(|e| e.get("val")) {
                 return element(val);
@@ -126,6 +137,14 @@ fn element(v: &Value) -> Element {
             Element::Text(v.to_string())
         }
         other => Element::Text(other.to_string()),
+    }
+}
+
+/// A JSON scalar as nft writes it in text (strings unquoted).
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -180,6 +199,21 @@ mod tests {
             },
         );
         assert_eq!(parse(&listing), want.fingerprint());
+    }
+
+    #[test]
+    fn port_ranges_and_concatenations_read_as_the_model_writes_them() {
+        let set = json!({"type": ["ipv4_addr", "inet_proto", "inet_service"],
+            "elem": [{"concat": ["10.0.0.1", "tcp", 8080]}, {"range": [9000, 9100]}, 80]});
+        let got = parse_set(&set);
+        assert_eq!(got.kind, "ipv4_addr . inet_proto . inet_service");
+        let want: BTreeSet<Element> = [
+            Element::Text("10.0.0.1 . tcp . 8080".into()),
+            Element::Text("9000-9100".into()),
+            Element::Port(80),
+        ]
+        .into();
+        assert_eq!(got.elements, want);
     }
 
     #[test]
