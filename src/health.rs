@@ -36,6 +36,9 @@ pub struct Expect {
     pub fail_after: Duration,
     /// A stall of this loop fails liveness too (the calculation: nothing else can fix it).
     pub vital: bool,
+    /// A one-shot job (the default pool): returning means done, and it leaves the registry;
+    /// a panic is still reported.
+    pub finishes: bool,
 }
 
 impl Default for Expect {
@@ -44,6 +47,7 @@ impl Default for Expect {
             stall_after: Some(Duration::from_secs(30)),
             fail_after: Duration::from_secs(30),
             vital: false,
+            finishes: false,
         }
     }
 }
@@ -150,6 +154,10 @@ impl Registry {
         let stopping = self.stopping.clone();
         tokio::spawn(async move {
             let why = match task.await {
+                Ok(()) if pulse.finishes() => {
+                    pulse.registry.lock().remove(&pulse.name);
+                    return;
+                }
                 Ok(()) => "returned".to_string(),
                 Err(e) if e.is_cancelled() => return,
                 Err(e) => format!("panicked: {}", panic_message(e.into_panic())),
@@ -288,6 +296,13 @@ impl Pulse {
         self.registry.update(&self.name, |l| l.failing = None);
     }
 
+    fn finishes(&self) -> bool {
+        self.registry
+            .lock()
+            .get(&self.name)
+            .is_some_and(|l| l.expect.finishes)
+    }
+
     pub fn ended(&self, why: impl Into<String>) {
         let why = why.into();
         self.registry.update(&self.name, |l| l.ended = Some(why));
@@ -350,6 +365,7 @@ mod tests {
             stall_after: Some(Duration::from_secs(stall)),
             fail_after: Duration::from_secs(fail),
             vital,
+            finishes: false,
         }
     }
 
@@ -411,5 +427,23 @@ mod tests {
             .await
             .unwrap();
         assert!(r.readiness().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_one_shot_job_that_returns_is_done_but_its_panic_is_reported() {
+        let r = Registry::default();
+        let once = Expect {
+            finishes: true,
+            ..Expect::default()
+        };
+        r.spawn("default-pool", once, |_| async {}).await.unwrap();
+        assert!(r.readiness().is_empty());
+        r.spawn("default-pool", once, |_| async { panic!("no pool") })
+            .await
+            .unwrap();
+        assert_eq!(
+            r.readiness(),
+            ["loop default-pool ended: panicked: no pool"]
+        );
     }
 }

@@ -133,6 +133,7 @@ fn driver_expect(_interval: Duration) -> Expect {
         stall_after: Some(health::grace()),
         fail_after: health::grace(),
         vital: false,
+        finishes: false,
     }
 }
 

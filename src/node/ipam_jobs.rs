@@ -126,12 +126,13 @@ impl IpamJobs {
             is_leader,
             stopped,
         ));
-        let unbounded = Expect {
+        let once = Expect {
             stall_after: None,
+            finishes: true,
             ..Expect::default()
         };
         self.tasks
-            .push(health.supervise("leader/default-pool", unbounded, task));
+            .push(health.supervise("leader/default-pool", once, task));
     }
 
     pub fn stop(&self) {

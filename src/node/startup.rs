@@ -236,6 +236,7 @@ pub async fn start(
         stall_after: Some(grace()),
         fail_after: grace(),
         vital: true,
+        finishes: false,
     };
     let calc_pulse = ready.health.register("calculation", calc_expect);
     ready.health.supervise(
