@@ -6,6 +6,8 @@
 #
 #   scripts/image.sh                      # ghcr.io/tortie/tortie:<version>
 #   TORTIE_IMAGE=ghcr.io/tortie/tortie:e2e-2 scripts/image.sh
+#   TORTIE_IMAGE_PROFILE=dev scripts/image.sh   # the debug build (scripts/test.sh's e2e: the
+#                                               # binary the tests built, no release build)
 #
 # The rootfs is cached under ${TORTIE_CACHE:-~/.cache/tortie}/image/ (keyed by suite and
 # packages); the archive goes to ${CARGO_TARGET_DIR:-target}/image/. Needs root (mmdebstrap
@@ -21,11 +23,21 @@ done
 
 # ---- the release binary -----------------------------------------------------------------
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
-TORTIE_GIT_COMMIT=${TORTIE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-export TORTIE_GIT_COMMIT
-log "cargo build --release (commit $TORTIE_GIT_COMMIT)"
-cargo build --release --locked --bin tortie >&2
-binary=$target_dir/release/tortie
+profile=${TORTIE_IMAGE_PROFILE:-release}
+# The debug build keeps the tests' build settings (a commit in the env would rebuild it).
+if [ "$profile" = release ]; then
+  TORTIE_GIT_COMMIT=${TORTIE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+  export TORTIE_GIT_COMMIT
+fi
+case $profile in
+  release) log "cargo build --release (commit $TORTIE_GIT_COMMIT)"
+    cargo build --release --locked --bin tortie >&2
+    binary=$target_dir/release/tortie ;;
+  dev) log "cargo build (debug)"
+    cargo build --locked --bin tortie >&2
+    binary=$target_dir/debug/tortie ;;
+  *) echo "[image] TORTIE_IMAGE_PROFILE is release or dev, not $profile" >&2; exit 1 ;;
+esac
 # The label is what the binary itself reports, so `tortie version` and the image agree.
 version=$("$binary" version | awk 'NR == 1 { print $2 }')
 [ -n "$version" ] || { echo "[image] $binary version printed no version" >&2; exit 1; }
