@@ -66,13 +66,17 @@ tortie_rss
 if [ $rc = 0 ]; then
   bash scripts/cluster/proxy-mode.sh nftables
   # The Service must now go through kube-proxy's nftables rules, not leftover iptables ones.
+  proxied_by_nft() {
+    local netns=$1
+    nsenter --net="$netns" nft list table ip kube-proxy >/dev/null 2>&1 || return 1
+    ! nsenter --net="$netns" iptables -t nat -S 2>/dev/null | grep -q KUBE-SVC-
+  }
   for i in $(seq 1 "$NODES"); do
-    nsenter --net="/run/netns/$(node_ns "$i")" nft list table ip kube-proxy >/dev/null \
-      || { log "node $i has no kube-proxy nftables table"; rc=1; }
-    if nsenter --net="/run/netns/$(node_ns "$i")" iptables -t nat -S 2>/dev/null | grep -q KUBE-SVC-; then
-      log "node $i still has iptables Service rules"
-      rc=1
-    fi
+    deadline=$((SECONDS + 60))
+    until proxied_by_nft "/run/netns/$(node_ns "$i")"; do
+      [ $SECONDS -lt $deadline ] || { log "node $i: no kube-proxy nftables table, or iptables Service rules left, after 60 s"; rc=1; break; }
+      sleep 1
+    done
   done
   [ $rc = 0 ] && { E2E_PROXY_MODE=nftables suite service || rc=1; }
   [ $rc = 0 ] && { suite node-delete || rc=1; }
