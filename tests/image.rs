@@ -70,7 +70,7 @@ fn json(path: &Path) -> Value {
 }
 
 #[test]
-#[ignore = "builds the release binary and a Debian rootfs with mmdebstrap (minutes; needs root and, the first time, the Debian mirror): cargo test --test image -- --ignored"]
+#[ignore = "builds the release binary and a Debian rootfs with mmdebstrap, imports into a private containerd (minutes; root, mmdebstrap, umoci, containerd; the Debian mirror the first time): cargo test --test image -- --ignored"]
 fn scripts_image_sh_builds_an_oci_archive_labelled_with_tortie_version() {
     let out = Command::new("bash")
         .arg(repo().join("scripts/image.sh"))
@@ -132,6 +132,46 @@ fn scripts_image_sh_builds_an_oci_archive_labelled_with_tortie_version() {
     for want in ["usr/local/bin/tortie", "usr/sbin/nft", "usr/bin/ip"] {
         assert!(names.contains(&want), "{want} not in the image");
     }
+    // containerd accepts it as the local cluster imports it (`ctr -n k8s.io images import`):
+    // a private containerd in a private mount namespace (its /run/containerd on a tmpfs),
+    // gone when the script ends.
+    let script = r#"set -eu
+d=$(mktemp -d)
+mkdir -p /run/containerd && mount -t tmpfs tmpfs /run/containerd
+printf 'version = 2\nroot = "%s/root"\nstate = "%s/state"\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "%s/sock"\n' "$d" "$d" "$d" >"$d/config.toml"
+containerd --config "$d/config.toml" >"$d/log" 2>&1 &
+pid=$!
+trap 'kill $pid; wait $pid || true; rm -rf "$d"' EXIT
+for _ in $(seq 100); do [ -S "$d/sock" ] && break; sleep 0.1; done
+ctr -a "$d/sock" -n k8s.io images import "$1" >&2
+ctr -a "$d/sock" -n k8s.io images ls -q
+"#;
+    let out = Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            script,
+            "import",
+        ])
+        .arg(&archive)
+        .output()
+        .expect("run containerd and ctr");
+    assert!(
+        out.status.success(),
+        "ctr import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.trim() == format!("ghcr.io/tortie/tortie:{version}")),
+        "imported images: {listed}"
+    );
+
     let size = std::fs::metadata(&archive).expect("archive").len();
     eprintln!(
         "image {} ({version}): {:.1} MB archive",

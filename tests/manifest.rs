@@ -277,8 +277,25 @@ async fn every_document_passes_a_server_side_dry_run() {
         .await
         .expect_err("port 70000 must be rejected");
     assert!(format!("{err:#}").contains("containerPort"), "{err:#}");
+    support::manifest::kubectl_dry_run(cp.kubeconfig_path(), &["manifests/tortie.yaml"]);
     // Dry run stored nothing.
     let ds: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
         kube::Api::namespaced(client, "kube-system");
     assert!(ds.get_opt("tortie-node").await.expect("get").is_none());
+}
+
+/// `kubectl apply` (client side) stores each object as JSON in the
+/// `kubectl.kubernetes.io/last-applied-configuration` annotation, and annotations are limited
+/// to 256 KiB in total: a larger object (Calico's CRDs are) would need `--server-side`.
+#[test]
+fn every_document_fits_kubectl_apply_s_last_applied_annotation() {
+    for doc in &Manifest::load().docs {
+        let size = serde_json::to_vec(doc).expect("JSON").len();
+        assert!(
+            size < 256 * 1024,
+            "{} {} is {size} bytes as JSON",
+            doc["kind"],
+            doc["metadata"]["name"]
+        );
+    }
 }

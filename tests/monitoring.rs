@@ -29,7 +29,7 @@ fn promtool_accepts_the_rules() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "promtool check rules:\n{text}");
-    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
 }
 
 #[test]
@@ -119,6 +119,13 @@ async fn monitoring_manifests_pass_a_server_side_dry_run_with_the_operator_crds(
                 .unwrap_or_else(|e| panic!("{file}: {e:#}"));
         }
     }
+    support::manifest::kubectl_dry_run(
+        cp.kubeconfig_path(),
+        &[
+            "manifests/monitoring/podmonitor.yaml",
+            "manifests/monitoring/prometheusrule.yaml",
+        ],
+    );
     // The schema is enforced: a scheme other than http(s) is refused.
     let mut bad = load_docs("manifests/monitoring/podmonitor.yaml").remove(0);
     bad["spec"]["podMetricsEndpoints"][0]["scheme"] = serde_json::json!("gopher");

@@ -261,3 +261,28 @@ pub fn monitoring_expressions() -> Vec<(String, String)> {
     }
     out
 }
+
+/// `kubectl apply --dry-run=server -f <files>` with the kubectl named by `TORTIE_KUBECTL`
+/// (e.g. the local cluster's build under ~/.cache/tortie/bin/cluster-*/): the same check as
+/// `apply(.., true)` through the real client, when one is at hand. Returns whether it ran.
+pub fn kubectl_dry_run(kubeconfig: &Path, files: &[&str]) -> bool {
+    let Some(kubectl) = std::env::var_os("TORTIE_KUBECTL") else {
+        return false;
+    };
+    let mut cmd = std::process::Command::new(kubectl);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["apply", "--dry-run=server"]);
+    for f in files {
+        cmd.arg("-f").arg(repo().join(f));
+    }
+    let out = cmd.output().expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl apply --dry-run=server {files:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    true
+}
