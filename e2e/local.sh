@@ -16,7 +16,25 @@ cd "$repo"
 t0=$SECONDS
 phase() { log "phase $1: $((SECONDS - $2)) s"; }
 [ "${TORTIE_E2E_KEEP:-0}" = 1 ] || trap 'bash scripts/cluster/down.sh' EXIT
-trap 'exit 130' INT TERM
+# Each long step runs as its own process group and the script waits for it, so INT/TERM
+# stop the step at once (bash defers traps while a foreground child runs) and then the
+# EXIT trap removes the cluster.
+set -m
+child=
+# shellcheck disable=SC2317 # called by the trap
+on_signal() {
+  [ -z "$child" ] || kill -TERM -- "-$child" 2>/dev/null
+  exit 130
+}
+trap on_signal INT TERM
+step() {
+  "$@" &
+  child=$!
+  local rc=0
+  wait "$child" || rc=$?
+  child=
+  return "$rc"
+}
 
 t=$SECONDS
 bin=$(bash scripts/cluster/build.sh)
@@ -30,7 +48,8 @@ image2=${image%:*}:e2e-rollout
 phase "tortie image ($image, $(du -h "$archive" | cut -f1))" $t
 
 t=$SECONDS
-kubeconfig=$(TORTIE_CLUSTER_IMAGES="$archive=$image2" TORTIE_CLUSTER_PROXY_MODE=iptables bash scripts/cluster/up.sh)
+step env TORTIE_CLUSTER_IMAGES="$archive=$image2" TORTIE_CLUSTER_PROXY_MODE=iptables bash scripts/cluster/up.sh >/dev/null
+kubeconfig=$S/admin.kubeconfig
 phase "cluster up" $t
 set -a
 # shellcheck disable=SC1091 # written by up.sh
@@ -43,8 +62,9 @@ failed=0
 suite() {
   local out
   out=$(mktemp)
-  bash e2e/run.sh "$kubeconfig" "$@" | tee "$out"
-  local rc=${PIPESTATUS[0]}
+  local rc=0
+  # shellcheck disable=SC2016 # expanded by the inner shell
+  step env OUT="$out" bash -o pipefail -c 'bash e2e/run.sh "$@" | tee "$OUT"' _ "$kubeconfig" "$@" || rc=$?
   read -r p f < <(awk '/^e2e: / {print $2, $4}' "$out")
   passed=$((passed + ${p:-0}))
   failed=$((failed + ${f:-1}))
@@ -64,15 +84,19 @@ rc=0
 suite install pods internet service second-pool fixed-ip metrics rollout conformance || rc=1
 tortie_rss
 if [ $rc = 0 ]; then
-  bash scripts/cluster/proxy-mode.sh nftables
+  step bash scripts/cluster/proxy-mode.sh nftables
   # The Service must now go through kube-proxy's nftables rules, not leftover iptables ones.
+  proxied_by_nft() {
+    local netns=$1
+    nsenter --net="$netns" nft list table ip kube-proxy >/dev/null 2>&1 || return 1
+    ! nsenter --net="$netns" iptables -t nat -S 2>/dev/null | grep -q KUBE-SVC-
+  }
   for i in $(seq 1 "$NODES"); do
-    nsenter --net="/run/netns/$(node_ns "$i")" nft list table ip kube-proxy >/dev/null \
-      || { log "node $i has no kube-proxy nftables table"; rc=1; }
-    if nsenter --net="/run/netns/$(node_ns "$i")" iptables -t nat -S 2>/dev/null | grep -q KUBE-SVC-; then
-      log "node $i still has iptables Service rules"
-      rc=1
-    fi
+    deadline=$((SECONDS + 60))
+    until proxied_by_nft "/run/netns/$(node_ns "$i")"; do
+      [ $SECONDS -lt $deadline ] || { log "node $i: no kube-proxy nftables table, or iptables Service rules left, after 60 s"; rc=1; break; }
+      sleep 1
+    done
   done
   [ $rc = 0 ] && { E2E_PROXY_MODE=nftables suite service || rc=1; }
   [ $rc = 0 ] && { suite node-delete || rc=1; }

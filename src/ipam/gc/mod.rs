@@ -32,9 +32,11 @@ use super::IpamError;
 use super::metrics::{UNKNOWN_NODE, pool_label};
 use crate::datastore::reflect;
 
-/// First delay of the extra passes that follow a node's deletion (doubles while its blocks
-/// stay, up to the pass interval).
+/// First delay of the extra passes that follow a node's deletion; it doubles while the
+/// node's blocks stay (its pods wait for the pod GC, about a minute), up to the cap or the
+/// pass interval if that is shorter.
 const DELETED_NODE_RETRY: Duration = Duration::from_secs(5);
+const DELETED_NODE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Calico's default `leakGracePeriod`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
@@ -205,7 +207,7 @@ pub async fn run(
             };
             // Backs off while a deleted node's block stays (its pods not yet gone, cooldown).
             retry = if gc.deleted_nodes_hold_blocks() {
-                (retry * 2).min(gc.cfg.interval)
+                (retry * 2).min(DELETED_NODE_RETRY_MAX).min(gc.cfg.interval)
             } else {
                 DELETED_NODE_RETRY
             };
