@@ -24,11 +24,9 @@ done
 # ---- the release binary -----------------------------------------------------------------
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 profile=${TORTIE_IMAGE_PROFILE:-release}
-# The debug build keeps the tests' build settings (a commit in the env would rebuild it).
-if [ "$profile" = release ]; then
-  TORTIE_GIT_COMMIT=${TORTIE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-  export TORTIE_GIT_COMMIT
-fi
+TORTIE_GIT_COMMIT=${TORTIE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+# The debug build keeps the tests' build settings (a commit in its env would rebuild it).
+[ "$profile" = release ] && export TORTIE_GIT_COMMIT
 case $profile in
   release) log "cargo build --release (commit $TORTIE_GIT_COMMIT)"
     cargo build --release --locked --bin tortie >&2
