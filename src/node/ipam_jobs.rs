@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::runtime::reflector::Store;
 use tokio::sync::watch;
@@ -16,7 +16,7 @@ use crate::health::{Expect, Registry};
 use crate::ipam::Ipam;
 use crate::ipam::gc::cooldown;
 use crate::ipam::gc::local::{self, LocalConfig};
-use crate::ipam::gc::{self, GcConfig, GcStatus};
+use crate::ipam::gc::{self, Cluster, GcConfig, GcStatus};
 use crate::metrics::{Metrics, MetricsError};
 
 pub struct IpamJobs {
@@ -35,8 +35,7 @@ impl IpamJobs {
         grace: Duration,
         stopped: watch::Receiver<bool>,
         health: &Registry,
-        // The watch of this node's pods (for the CNI), supervised here with the jobs.
-        pods_watch: tokio::task::JoinHandle<()>,
+        (pods, pods_watch): (Store<Pod>, tokio::task::JoinHandle<()>),
     ) -> Result<IpamJobs, MetricsError> {
         let status = GcStatus::default();
         crate::ipam::metrics::register(
@@ -47,8 +46,11 @@ impl IpamJobs {
             is_leader.clone(),
         )?;
         let (client_for_defaults, is_leader_for_defaults) = (client.clone(), is_leader.clone());
-        // The GC opens its cluster-wide Pod watch only while leading.
-        let gc_client = client;
+        let cluster = Cluster {
+            client,
+            pods,
+            nodes,
+        };
         // Expired cooldown holds: this node's blocks always, every block while leading.
         let own_cold = tokio::spawn(cooldown::run(
             ipam.clone(),
@@ -62,10 +64,9 @@ impl IpamJobs {
             Some(is_leader.clone()),
             stopped.clone(),
         ));
-        let leader_gc = tokio::spawn(gc::run_leading_with_pod_watch(
+        let leader_gc = tokio::spawn(gc::run(
             ipam.clone(),
-            gc_client,
-            nodes,
+            cluster,
             is_leader,
             GcConfig::with_grace(grace),
             status,

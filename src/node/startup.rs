@@ -125,9 +125,8 @@ pub async fn start(
         changes: datastore.view.changes.clone(),
     };
     let ipam = Arc::new(start_ipam(&client, node, shared).await);
-    // One Pod watch of this node's pods, for the CNI (the leader's GC adds a cluster-wide
-    // one only while it leads).
-    let (pods, pods_watch) = crate::ipam::gc::watch_pods_on(client.clone(), node);
+    // One Pod watch for the daemon: the GC and the CNI read the same store.
+    let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
     let ipam_jobs = IpamJobs::start(
         metrics,
         ipam.clone(),
@@ -137,7 +136,7 @@ pub async fn start(
         cfg.ipam_gc_grace,
         stopped.clone(),
         &ready.health,
-        pods_watch,
+        (pods.clone(), pods_watch),
     )?;
     watch_ipam_health(&ready.health, ipam.clone());
     ipam.supervise(&ready.health);

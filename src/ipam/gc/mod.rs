@@ -102,68 +102,6 @@ pub fn watch_pods(client: Client) -> (Store<Pod>, JoinHandle<()>) {
     )
 }
 
-/// A reflector of the Pods on `node` only (fieldSelector `spec.nodeName`), trimmed as
-/// `watch_pods`: what a node daemon caches for its CNI, so a node's memory does not grow
-/// with the cluster's pod count.
-pub fn watch_pods_on(client: Client, node: &str) -> (Store<Pod>, JoinHandle<()>) {
-    reflect(
-        Api::all(client),
-        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-        trim_pod,
-        "node pods",
-    )
-}
-
-/// The daemon's leader GC: the cluster-wide Pod watch it judges by runs only while this
-/// node holds the Lease, opened on gaining it and closed on losing it (every other node
-/// caches only its own pods). Otherwise as `run`.
-pub async fn run_leading_with_pod_watch(
-    ipam: Arc<Ipam>,
-    client: Client,
-    nodes: Store<Node>,
-    mut is_leader: watch::Receiver<bool>,
-    cfg: GcConfig,
-    status: GcStatus,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            r = is_leader.wait_for(|l| *l) => if r.is_err() {
-                tracing::info!("leader election ended; IPAM GC stops");
-                return;
-            },
-        }
-        let (pods, pods_task) = watch_pods(client.clone());
-        tracing::info!("leading: cluster-wide Pod watch opened for the IPAM GC");
-        let cluster = Cluster {
-            client: client.clone(),
-            pods,
-            nodes: nodes.clone(),
-        };
-        let gc = run(
-            ipam.clone(),
-            cluster,
-            is_leader.clone(),
-            cfg.clone(),
-            status.clone(),
-            shutdown.clone(),
-        );
-        let ended = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => true,
-            _ = is_leader.wait_for(|l| !*l) => false,
-            () = gc => true,
-        };
-        pods_task.abort();
-        if ended {
-            return;
-        }
-        // `run` forgets its candidates on losing the Lease; dropped mid-way it could not.
-        status.update(|c| c.candidates.clear());
-        tracing::info!("no longer leading: cluster-wide Pod watch closed");
-    }
-}
-
 /// A reflector of every Node (names only matter here). The daemon's `Datastore` already
 /// has one; this is for callers without it.
 pub fn watch_nodes(client: Client) -> (Store<Node>, JoinHandle<()>) {
