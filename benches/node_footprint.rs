@@ -7,6 +7,8 @@
 //   scripts/bench/core.sh      # builds this tree and main (release) and runs both
 //   FOOTPRINT_BINS=this=target/release/tortie,main=/path/to/tortie
 //   FOOTPRINT_NODES=500 FOOTPRINT_PODS=10000 FOOTPRINT_IDLE_SECS=60 FOOTPRINT_ROUTE_SAMPLES=50
+//   FOOTPRINT_LEADER=1         # measure the Lease holder (default: an ordinary node, the
+//                              # Lease held by a simulated node, as on 499 of 500 nodes)
 // Without `--bench` (as `cargo test --all-targets` runs it) it only prints that it skipped.
 
 #[path = "../tests/nodes/mod.rs"]
@@ -153,6 +155,31 @@ async fn populate(cp: &ControlPlane, from: usize, n: usize, pods_per_node: usize
         .buffer_unordered(IN_FLIGHT)
         .try_collect::<Vec<()>>()
         .await?;
+    Ok(())
+}
+
+/// The IPAM leader Lease held by `holder` for an hour, so the daemon under test does not lead.
+async fn hold_lease(cp: &ControlPlane, holder: &str) -> Result<()> {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(tortie::datastore::lease::DEFAULT_NAME.into()),
+            namespace: Some(tortie::datastore::lease::DEFAULT_NAMESPACE.into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(3600),
+            acquire_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    Api::<Lease>::namespaced(cp.client(), tortie::datastore::lease::DEFAULT_NAMESPACE)
+        .create(&PostParams::default(), &lease)
+        .await
+        .context("create the IPAM Lease")?;
     Ok(())
 }
 
@@ -325,6 +352,18 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    let leader = std::env::var("FOOTPRINT_LEADER").is_ok_and(|v| v == "1");
+    if !leader {
+        hold_lease(&cp, "sim-0000").await?;
+    }
+    println!(
+        "measuring {}",
+        if leader {
+            "the IPAM leader (it caches every pod for the leak GC)"
+        } else {
+            "an ordinary node (the IPAM Lease held by sim-0000 for an hour)"
+        }
+    );
     let mut next_sim = remotes;
     let mut rows: BTreeMap<String, Figures> = BTreeMap::new();
     for (label, bin) in &bins {

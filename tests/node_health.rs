@@ -75,6 +75,15 @@ async fn wait_health(
     );
 }
 
+/// The `tortie_datastore_synced` gauge from the daemon's /metrics.
+fn synced_metric(d: &Daemon) -> Option<i64> {
+    d.metrics_text()
+        .lines()
+        .find(|l| l.starts_with("tortie_datastore_synced "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -209,6 +218,10 @@ async fn one_watch_per_kind_and_every_loop_fault_shows_on_health_by_name() -> an
     );
 
     // A watch that cannot list (its CRD deleted) past the grace time; restored, green again.
+    // IPReservation is a kind only the IPAM view watches: its failure reaches readiness
+    // (named, after the grace time) and `tortie_datastore_synced` (at once) like the
+    // datastore's own watches.
+    assert_eq!(synced_metric(&d), Some(1), "synced before the fault");
     let crds: Api<CustomResourceDefinition> = Api::all(cp.client());
     let name = "ipreservations.crd.projectcalico.org";
     let mut crd = crds.get(name).await?;
@@ -217,9 +230,14 @@ async fn one_watch_per_kind_and_every_loop_fault_shows_on_health_by_name() -> an
         &d,
         "/readiness",
         NOTICE + Duration::from_secs(30),
-        |c, b| c == 503 && b.contains("IPReservation failing"),
+        |c, b| c == 503 && b.contains("ipam/watches IPReservation failing"),
     )
     .await;
+    assert_eq!(
+        synced_metric(&d),
+        Some(0),
+        "tortie_datastore_synced while the IPAM watch fails"
+    );
     crd.metadata.resource_version = None;
     crd.metadata.uid = None;
     crd.metadata.creation_timestamp = None;
@@ -235,6 +253,15 @@ async fn one_watch_per_kind_and_every_loop_fault_shows_on_health_by_name() -> an
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     wait_health(&d, "/readiness", Duration::from_secs(60), |c, _| c == 200).await;
+    let t0 = Instant::now();
+    while synced_metric(&d) != Some(1) {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "tortie_datastore_synced stays {:?} after recovery",
+            synced_metric(&d)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A panicking loop: named with its message on both probes (kubelet restarts the pod).
     fault(faults.path(), "dataplane/nat", Some("panic"));

@@ -409,3 +409,136 @@ async fn missing_ipip_is_one_error_and_everything_else_runs() -> anyhow::Result<
     assert_eq!(status.code(), Some(0));
     Ok(())
 }
+
+/// Allocated addresses of `handle` across every IPAMBlock, and whether its IPAMHandle exists.
+async fn held_by(client: &Client, handle: &str) -> anyhow::Result<(Vec<String>, bool)> {
+    use tortie::api::{IPAMBlock, IPAMHandle};
+    let mut addrs = Vec::new();
+    for b in Api::<IPAMBlock>::all(client.clone())
+        .list(&Default::default())
+        .await?
+    {
+        let net: ipnet::Ipv4Net = b.spec.cidr.parse()?;
+        for (ord, a) in b.spec.allocations.iter().enumerate() {
+            let Some(i) = a else { continue };
+            let attr = usize::try_from(*i)
+                .ok()
+                .and_then(|i| b.spec.attributes.get(i));
+            if attr.and_then(|a| a.handle_id.as_deref()) == Some(handle) {
+                let ip = std::net::Ipv4Addr::from(u32::from(net.network()) + ord as u32);
+                addrs.push(ip.to_string());
+            }
+        }
+    }
+    let handles = Api::<IPAMHandle>::all(client.clone())
+        .list(&Default::default())
+        .await?;
+    let exists = handles.iter().any(|h| h.spec.handle_id == handle);
+    Ok((addrs, exists))
+}
+
+/// The VXLAN tunnel address lives only while a pool needs VXLAN: when the last such pool
+/// turns vxlanMode Never, the node releases it in IPAM (block allocation and IPAMHandle
+/// gone) and removes its Node annotation; turning VXLAN back on gets a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_address_released_when_no_pool_needs_vxlan() -> anyhow::Result<()> {
+    let host = Host::new("ov-tun")?;
+    host.ns.exec_ok(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ])?;
+    host.ns.exec_ok(&["ip", "link", "set", "eth0p", "up"])?;
+    host.ns
+        .exec_ok(&["ip", "addr", "add", "172.31.76.1/24", "dev", "eth0"])?;
+    host.ns.exec_ok(&["ip", "link", "set", "eth0", "up"])?;
+    let cp = ControlPlane::start_on(host.root_ip.into()).await?;
+    let node = "node-t";
+    cp.create_node(node, &[]).await?;
+    let pools: Api<IPPool> = Api::all(cp.client());
+    let pool = IPPool::new(
+        "vxlan-pool",
+        IPPoolSpec {
+            cidr: "10.252.0.0/16".into(),
+            vxlan_mode: EncapMode::Always,
+            ..Default::default()
+        },
+    );
+    pools.create(&PostParams::default(), &pool).await?;
+    let dir = tempfile::tempdir()?;
+    let mut d = Daemon::start(
+        &host,
+        dir.path(),
+        DaemonOpts {
+            kubeconfig: cp.kubeconfig_path(),
+            node_name: node,
+            env: vec![("IP_AUTODETECTION_METHOD", "interface=eth0".into())],
+        },
+    );
+    d.wait_readiness(READY, |code, _| code == 200);
+    const KEY: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
+    let handle = format!("vxlan-tunnel-addr-{node}");
+    let nodes: Api<Node> = Api::all(cp.client());
+    let published = annotations(&nodes.get(node).await?)
+        .get(KEY)
+        .cloned()
+        .with_context(|| format!("no {KEY} on a ready node\n{}", tail(&d.log(), 40)))?;
+    let (addrs, handle_exists) = held_by(&cp.client(), &handle).await?;
+    assert_eq!(
+        addrs,
+        vec![published.clone()],
+        "IPAM holds the published address"
+    );
+    assert!(handle_exists, "IPAMHandle {handle}");
+
+    let set_vxlan = |mode: &'static str| {
+        let pools = pools.clone();
+        async move {
+            pools
+                .patch(
+                    "vxlan-pool",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(serde_json::json!({"spec": {"vxlanMode": mode}})),
+                )
+                .await
+        }
+    };
+    set_vxlan("Never").await?;
+    let t0 = Instant::now();
+    loop {
+        let gone = !annotations(&nodes.get(node).await?).contains_key(KEY);
+        let (addrs, exists) = held_by(&cp.client(), &handle).await?;
+        if gone && addrs.is_empty() && !exists {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "after vxlanMode Never: annotation gone {gone}, still allocated {addrs:?}, \
+             handle exists {exists}\n{}",
+            tail(&d.log(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("tunnel address released after {:?}", t0.elapsed());
+    assert!(d.log().contains("tunnel address released"), "logged");
+
+    // VXLAN needed again: a tunnel address is allocated and published anew.
+    set_vxlan("Always").await?;
+    let t0 = Instant::now();
+    loop {
+        let a = annotations(&nodes.get(node).await?).get(KEY).cloned();
+        let (addrs, _) = held_by(&cp.client(), &handle).await?;
+        if let Some(a) = &a
+            && addrs == vec![a.clone()]
+        {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "after vxlanMode Always again: annotation {a:?}, allocated {addrs:?}\n{}",
+            tail(&d.log(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _) = d.terminate();
+    assert_eq!(status.code(), Some(0));
+    Ok(())
+}

@@ -17,7 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch as status_channel;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::api::{FelixConfiguration, IPPool};
 use crate::config::KubeSource;
@@ -80,7 +80,9 @@ pub struct ClusterView {
 pub struct Datastore {
     pub view: ClusterView,
     pub status: status_channel::Receiver<DatastoreStatus>,
-    tasks: JoinSet<()>,
+    /// Watch tasks not yet handed to a health registry (see `supervise`).
+    unsupervised: Vec<(&'static str, JoinHandle<()>)>,
+    aborts: Vec<AbortHandle>,
 }
 
 impl Datastore {
@@ -88,7 +90,7 @@ impl Datastore {
     /// `ClusterView` and one `spawn` line here.
     pub fn start(conn: &Connection) -> Datastore {
         let (reporter, status) = watch::SyncReporter::new(&conn.url);
-        let mut tasks = JoinSet::new();
+        let mut tasks = Vec::new();
         let client = &conn.client;
         let (changes_tx, changes) = status_channel::channel(0);
         let mut watch = Watches {
@@ -112,19 +114,37 @@ impl Datastore {
                 changes,
             },
             status,
-            tasks,
+            aborts: tasks.iter().map(|(_, t)| t.abort_handle()).collect(),
+            unsupervised: tasks,
+        }
+    }
+
+    /// Puts each watch task on `health` as `datastore/watch/<kind>`: one that ends or
+    /// panics revokes readiness by name (its list/watch failures are in the sync status).
+    pub fn supervise(&mut self, health: &crate::health::Registry) {
+        let expect = crate::health::Expect {
+            stall_after: None,
+            ..crate::health::Expect::default()
+        };
+        for (name, task) in self.unsupervised.drain(..) {
+            health.supervise(format!("datastore/watch/{name}"), expect, task);
         }
     }
 
     /// Stops every watch; the stores keep their last contents.
-    pub async fn stop(mut self) {
-        self.tasks.shutdown().await;
+    pub async fn stop(self) {
+        for a in &self.aborts {
+            a.abort();
+        }
+        for (_, t) in self.unsupervised {
+            let _ = t.await;
+        }
     }
 }
 
 /// Start-up helper: registers each watch with the tracker before any can report.
 struct Watches<'a> {
-    tasks: &'a mut JoinSet<()>,
+    tasks: &'a mut Vec<(&'static str, JoinHandle<()>)>,
     reporter: &'a watch::SyncReporter,
     changes: std::sync::Arc<status_channel::Sender<u64>>,
 }
@@ -145,7 +165,7 @@ impl Watches<'_> {
             self.reporter.clone(),
             self.changes.clone(),
         );
-        self.tasks.spawn(task);
+        self.tasks.push((name, tokio::spawn(task)));
         store
     }
 }

@@ -96,11 +96,13 @@ pub async fn start(
     let client = conn.client.clone();
     // Watches start now so that their progress (or the API server's absence) shows on
     // readiness while the node IP is found; start-up waits for their sync after that.
-    let datastore = Datastore::start(&conn);
-    tokio::spawn(mirror_status(
+    let mut datastore = Datastore::start(&conn);
+    datastore.supervise(&ready.health);
+    let mirror = tokio::spawn(mirror_status(
         datastore.status.clone(),
         ready.datastore.clone(),
         metrics.clone(),
+        None,
     ));
 
     let address = loop {
@@ -148,6 +150,15 @@ pub async fn start(
             &ready.health,
         );
     }
+    ipam.supervise(&ready.health);
+    // From here `tortie_datastore_synced` also covers the IPAM view's watches.
+    mirror.abort();
+    tokio::spawn(mirror_status(
+        datastore.status.clone(),
+        ready.datastore.clone(),
+        metrics.clone(),
+        Some(ipam.clone()),
+    ));
 
     // FelixConfiguration merged with the explicit flags (Felix's precedence), live from here;
     // the datastore synced, so start-up already uses the cluster's settings.
@@ -369,24 +380,41 @@ async fn wait_synced(datastore: &Datastore) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// For the daemon's life: the datastore's sync state on readiness and in the metrics.
+/// For the daemon's life: the datastore's sync state on readiness and in the metrics;
+/// with `ipam`, the metric is synced only while no IPAM watch fails either (readiness
+/// learns of those through the `ipam/watches` probe, after the grace time).
 async fn mirror_status(
     mut status: watch::Receiver<DatastoreStatus>,
     ready: Condition,
     metrics: Metrics,
+    ipam: Option<Arc<Ipam>>,
 ) {
+    let mut ipam_failures = ipam.as_ref().map(|i| i.watch_failures_changed());
     loop {
         let current = status.borrow_and_update().clone();
-        report_datastore(&current, &ready, &metrics);
-        if status.changed().await.is_err() {
-            return;
+        if let Some(rx) = ipam_failures.as_mut() {
+            rx.borrow_and_update();
+        }
+        let ipam_ok = ipam.as_ref().is_none_or(|i| i.watch_failures().is_empty());
+        report_datastore(&current, ipam_ok, &ready, &metrics);
+        let ipam_changed = async {
+            match ipam_failures.as_mut() {
+                Some(rx) => rx.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = status.changed() => if r.is_err() { return },
+            r = ipam_changed => if r.is_err() { return },
         }
     }
 }
 
-fn report_datastore(status: &DatastoreStatus, ready: &Condition, metrics: &Metrics) {
+fn report_datastore(status: &DatastoreStatus, ipam_ok: bool, ready: &Condition, metrics: &Metrics) {
     metrics.apiserver_connected.set(i64::from(status.connected));
-    metrics.datastore_synced.set(i64::from(status.synced));
+    metrics
+        .datastore_synced
+        .set(i64::from(status.synced && ipam_ok));
     match &status.problem {
         None => {
             tracing::info!("datastore synced");

@@ -207,6 +207,18 @@ impl Ipam {
         self.view.changes.subscribe()
     }
 
+    /// Puts the view's watch tasks and the block writers on `health` (see their
+    /// `supervise`): one that ends or panics revokes readiness by name.
+    pub fn supervise(&self, health: &crate::health::Registry) {
+        self.view.supervise(health);
+        self.writers.supervise(health);
+    }
+
+    /// Bumped whenever an IPAM watch starts or stops failing.
+    pub fn watch_failures_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.view.failures_changed.subscribe()
+    }
+
     /// The IPAM watches failing now: kind, since when, why.
     pub fn watch_failures(&self) -> Vec<(&'static str, std::time::Instant, String)> {
         self.view

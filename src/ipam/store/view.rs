@@ -171,13 +171,33 @@ pub struct ViewHandle {
     pub changes: Arc<watch::Sender<u64>>,
     /// Per kind, since when and why its watch fails (cleared by its next event).
     pub failures: Arc<std::sync::Mutex<BTreeMap<&'static str, (std::time::Instant, String)>>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Bumped whenever `failures` gains or loses a kind (the sync metric follows it).
+    pub failures_changed: Arc<watch::Sender<u64>>,
+    /// Watch tasks not yet handed to a health registry (see `supervise`).
+    unsupervised: std::sync::Mutex<Vec<(&'static str, JoinHandle<()>)>>,
+    aborts: Vec<tokio::task::AbortHandle>,
 }
 
 impl Drop for ViewHandle {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in &self.aborts {
             t.abort();
+        }
+    }
+}
+
+impl ViewHandle {
+    /// Puts each watch task on `health` as `ipam/watch/<kind>`: one that ends or panics
+    /// revokes readiness by name (failures while it runs are in `failures`).
+    pub fn supervise(&self, health: &crate::health::Registry) {
+        let expect = crate::health::Expect {
+            stall_after: None,
+            ..crate::health::Expect::default()
+        };
+        let tasks =
+            std::mem::take(&mut *self.unsupervised.lock().unwrap_or_else(|p| p.into_inner()));
+        for (name, task) in tasks {
+            health.supervise(format!("ipam/watch/{name}"), expect, task);
         }
     }
 }
@@ -218,102 +238,122 @@ impl ViewHandle {
         let mut tasks = Vec::new();
         let changes = Arc::new(watch::channel(0u64).0);
         let failures = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let failures_changed = Arc::new(watch::channel(0u64).0);
         let signals = Signals {
             changes: changes.clone(),
             failures: failures.clone(),
+            failures_changed: failures_changed.clone(),
         };
         let (overlap_tx, overlap_task) = events::spawn(client.clone(), node);
         write(&view).overlap_events = Some(overlap_tx);
-        tasks.push(overlap_task);
+        tasks.push(("overlap-events", overlap_task));
 
-        tasks.push(spawn_watch(
+        tasks.push((
             "IPAMBlock",
-            Api::<IPAMBlock>::all(client.clone()),
-            watcher::Config::default(),
-            (view.clone(), ready.clone(), signals.clone()),
-            |v, objs| {
-                v.blocks.clear();
-                v.infos.clear();
-                v.handles.clear();
-                for o in objs {
-                    apply_block(v, o);
-                }
-            },
-            apply_block,
-            |v, o| {
-                if let Ok(cidr) = o.spec.cidr_net() {
-                    v.remove_block(&cidr);
-                }
-            },
-        ));
-        let shared_kinds = shared.map(|s| {
-            tasks.push(spawn_follower(
-                s,
-                node.to_string(),
-                (view.clone(), ready.clone(), signals.clone()),
-            ))
-        });
-        if shared_kinds.is_none() {
-            tasks.push(spawn_watch(
-                "IPPool",
-                Api::<IPPool>::all(client.clone()),
+            spawn_watch(
+                "IPAMBlock",
+                Api::<IPAMBlock>::all(client.clone()),
                 watcher::Config::default(),
                 (view.clone(), ready.clone(), signals.clone()),
                 |v, objs| {
-                    v.pool_objs = objs.into_iter().map(|p| (p.name_any(), p)).collect();
-                    v.rebuild_pools();
+                    v.blocks.clear();
+                    v.infos.clear();
+                    v.handles.clear();
+                    for o in objs {
+                        apply_block(v, o);
+                    }
                 },
-                |v, p| {
-                    v.pool_objs.insert(p.name_any(), p);
-                    v.rebuild_pools();
+                apply_block,
+                |v, o| {
+                    if let Ok(cidr) = o.spec.cidr_net() {
+                        v.remove_block(&cidr);
+                    }
                 },
-                |v, p| {
-                    v.pool_objs.remove(&p.name_any());
-                    v.rebuild_pools();
-                },
+            ),
+        ));
+        let shared_kinds = shared.map(|s| {
+            tasks.push((
+                "shared-stores",
+                spawn_follower(
+                    s,
+                    node.to_string(),
+                    (view.clone(), ready.clone(), signals.clone()),
+                ),
+            ))
+        });
+        if shared_kinds.is_none() {
+            tasks.push((
+                "IPPool",
+                spawn_watch(
+                    "IPPool",
+                    Api::<IPPool>::all(client.clone()),
+                    watcher::Config::default(),
+                    (view.clone(), ready.clone(), signals.clone()),
+                    |v, objs| {
+                        v.pool_objs = objs.into_iter().map(|p| (p.name_any(), p)).collect();
+                        v.rebuild_pools();
+                    },
+                    |v, p| {
+                        v.pool_objs.insert(p.name_any(), p);
+                        v.rebuild_pools();
+                    },
+                    |v, p| {
+                        v.pool_objs.remove(&p.name_any());
+                        v.rebuild_pools();
+                    },
+                ),
             ));
         }
-        tasks.push(spawn_watch(
+        tasks.push((
             "IPAMConfig",
-            Api::<IPAMConfig>::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={IPAM_CONFIG_NAME}")),
-            (view.clone(), ready.clone(), signals.clone()),
-            |v, objs| v.set_config(objs.first()),
-            |v, c| v.set_config(Some(&c)),
-            |v, _| v.set_config(None),
+            spawn_watch(
+                "IPAMConfig",
+                Api::<IPAMConfig>::all(client.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={IPAM_CONFIG_NAME}")),
+                (view.clone(), ready.clone(), signals.clone()),
+                |v, objs| v.set_config(objs.first()),
+                |v, c| v.set_config(Some(&c)),
+                |v, _| v.set_config(None),
+            ),
         ));
-        tasks.push(spawn_watch(
+        tasks.push((
             "IPReservation",
-            Api::<IPReservation>::all(client.clone()),
-            watcher::Config::default(),
-            (view.clone(), ready.clone(), signals.clone()),
-            |v, objs| {
-                v.reservation_objs = objs
-                    .into_iter()
-                    .map(|r| (r.name_any(), r.spec.nets()))
-                    .collect();
-                v.set_reservations();
-            },
-            |v, r| {
-                v.reservation_objs.insert(r.name_any(), r.spec.nets());
-                v.set_reservations();
-            },
-            |v, r| {
-                v.reservation_objs.remove(&r.name_any());
-                v.set_reservations();
-            },
+            spawn_watch(
+                "IPReservation",
+                Api::<IPReservation>::all(client.clone()),
+                watcher::Config::default(),
+                (view.clone(), ready.clone(), signals.clone()),
+                |v, objs| {
+                    v.reservation_objs = objs
+                        .into_iter()
+                        .map(|r| (r.name_any(), r.spec.nets()))
+                        .collect();
+                    v.set_reservations();
+                },
+                |v, r| {
+                    v.reservation_objs.insert(r.name_any(), r.spec.nets());
+                    v.set_reservations();
+                },
+                |v, r| {
+                    v.reservation_objs.remove(&r.name_any());
+                    v.set_reservations();
+                },
+            ),
         ));
         if shared_kinds.is_none() {
-            tasks.push(spawn_watch(
+            tasks.push((
                 "Node",
-                Api::<Node>::all(client),
-                watcher::Config::default().fields(&format!("metadata.name={node}")),
-                (view.clone(), ready, signals),
-                |v, objs| {
-                    v.node_labels = objs.first().map(|n| n.labels().clone()).unwrap_or_default()
-                },
-                |v, n| v.node_labels = n.labels().clone(),
-                |v, _| v.node_labels.clear(),
+                spawn_watch(
+                    "Node",
+                    Api::<Node>::all(client),
+                    watcher::Config::default().fields(&format!("metadata.name={node}")),
+                    (view.clone(), ready, signals),
+                    |v, objs| {
+                        v.node_labels = objs.first().map(|n| n.labels().clone()).unwrap_or_default()
+                    },
+                    |v, n| v.node_labels = n.labels().clone(),
+                    |v, _| v.node_labels.clear(),
+                ),
             ));
         }
         ViewHandle {
@@ -321,7 +361,9 @@ impl ViewHandle {
             synced,
             changes,
             failures,
-            tasks,
+            failures_changed,
+            aborts: tasks.iter().map(|(_, t)| t.abort_handle()).collect(),
+            unsupervised: std::sync::Mutex::new(tasks),
         }
     }
 }
@@ -379,24 +421,35 @@ impl Ready {
 struct Signals {
     changes: Arc<watch::Sender<u64>>,
     failures: Arc<std::sync::Mutex<BTreeMap<&'static str, (std::time::Instant, String)>>>,
+    failures_changed: Arc<watch::Sender<u64>>,
 }
 
 impl Signals {
     fn changed(&self, kind: &'static str) {
         self.changes.send_modify(|g| *g += 1);
-        self.failures
+        let cleared = self
+            .failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(kind);
+            .remove(kind)
+            .is_some();
+        if cleared {
+            self.failures_changed.send_modify(|g| *g += 1);
+        }
     }
 
     fn failed(&self, kind: &'static str, why: String) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(kind)
-            .and_modify(|(_, w)| *w = why.clone())
-            .or_insert((std::time::Instant::now(), why));
+        let new = {
+            let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            let new = !f.contains_key(kind);
+            f.entry(kind)
+                .and_modify(|(_, w)| *w = why.clone())
+                .or_insert((std::time::Instant::now(), why));
+            new
+        };
+        if new {
+            self.failures_changed.send_modify(|g| *g += 1);
+        }
     }
 }
 

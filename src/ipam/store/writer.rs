@@ -71,6 +71,9 @@ pub struct Writers {
     view: Arc<RwLock<View>>,
     stats: Arc<WriteStats>,
     senders: Mutex<HashMap<IpNet, mpsc::UnboundedSender<Op>>>,
+    /// Set once the daemon supervises the writers; until then their tasks wait here.
+    health: std::sync::OnceLock<crate::health::Registry>,
+    unsupervised: Mutex<Vec<(IpNet, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Writers {
@@ -80,6 +83,36 @@ impl Writers {
             view,
             stats,
             senders: Mutex::new(HashMap::new()),
+            health: std::sync::OnceLock::new(),
+            unsupervised: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Puts every block writer, present and future, on `health` as `ipam/writer/<block>`:
+    /// a writer that panics or ends revokes readiness by name.
+    pub fn supervise(&self, health: &crate::health::Registry) {
+        let _ = self.health.set(health.clone());
+        let waiting =
+            std::mem::take(&mut *self.unsupervised.lock().unwrap_or_else(|p| p.into_inner()));
+        for (cidr, task) in waiting {
+            self.hand_over(cidr, task);
+        }
+    }
+
+    fn hand_over(&self, cidr: IpNet, task: tokio::task::JoinHandle<()>) {
+        match self.health.get() {
+            Some(h) => {
+                let expect = crate::health::Expect {
+                    stall_after: None,
+                    ..crate::health::Expect::default()
+                };
+                h.supervise(format!("ipam/writer/{cidr}"), expect, task);
+            }
+            None => self
+                .unsupervised
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((cidr, task)),
         }
     }
 
@@ -87,6 +120,7 @@ impl Writers {
     /// long as the daemon: one small task per block this node ever wrote to.
     pub fn submit(&self, cidr: IpNet, op: Op) {
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spawned = None;
         let tx = senders.entry(cidr).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let w = Writer {
@@ -96,12 +130,16 @@ impl Writers {
                 stats: self.stats.clone(),
                 current: None,
             };
-            tokio::spawn(w.run(rx));
+            spawned = Some(tokio::spawn(w.run(rx)));
             tx
         });
         // The writer only stops when the runtime does; a failed send drops the reply
         // channel, which the caller sees as an error.
         let _ = tx.send(op);
+        drop(senders);
+        if let Some(task) = spawned {
+            self.hand_over(cidr, task);
+        }
     }
 
     pub async fn assign(
