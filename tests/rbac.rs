@@ -171,6 +171,21 @@ async fn the_daemon_uses_exactly_the_rbac_the_manifest_grants() -> anyhow::Resul
         }
     }
     cp.create_node("rbac-a", &[]).await?;
+    // A policy of each family exists, so the policy watches list real objects.
+    let k8s_policy: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(
+        json!({"metadata": {"name": "deny-all", "namespace": "default"},
+               "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}),
+    )?;
+    Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &k8s_policy)
+        .await?;
+    let gnp: tortie::api::GlobalNetworkPolicy = serde_json::from_value(json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "GlobalNetworkPolicy",
+        "metadata": {"name": "deny-blocked"},
+        "spec": {"order": 10, "selector": "blocked == 'true'", "ingress": [{"action": "Deny"}]}}))?;
+    Api::<tortie::api::GlobalNetworkPolicy>::all(admin.clone())
+        .create(&PostParams::default(), &gnp)
+        .await?;
     // No cooldown, so the GC's releases are immediate and visible within the test.
     let no_cooldown = tortie::api::ipamconfig::IPAMConfigSpec {
         ip_cooldown_seconds: Some(0),

@@ -6,6 +6,7 @@ pub mod mtu;
 pub mod nat;
 pub mod offload;
 pub mod overlay;
+pub mod policy;
 pub mod view;
 pub mod vtep;
 

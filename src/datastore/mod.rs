@@ -9,7 +9,8 @@ mod watch;
 pub use sync::{Backoff, DatastoreStatus, Observation, SyncTracker};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
@@ -19,8 +20,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch as status_channel;
 use tokio::task::{AbortHandle, JoinHandle};
 
-use crate::api::{FelixConfiguration, IPPool};
+use crate::api::{
+    FelixConfiguration, GlobalNetworkPolicy, GlobalNetworkSet, IPPool, NetworkPolicy, NetworkSet,
+    StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, StagedNetworkPolicy,
+};
 use crate::config::KubeSource;
+use crate::policy::cluster::ClusterObjects;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatastoreError {
@@ -72,8 +77,52 @@ pub struct ClusterView {
     pub nodes: Store<Node>,
     pub ip_pools: Store<IPPool>,
     pub felix_configs: Store<FelixConfiguration>,
+    /// What network policy reads besides pods (the daemon's one Pod watch lives with IPAM):
+    /// namespace and service-account labels, every policy kind, network sets.
+    pub policy: PolicyStores,
     /// Bumped after every change applied to any store: readers wait on it instead of polling.
     pub changes: status_channel::Receiver<u64>,
+}
+
+/// The stores network policy reads, one watch per kind.
+#[derive(Clone)]
+pub struct PolicyStores {
+    pub namespaces: Store<Namespace>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub k8s_policies: Store<K8sNetworkPolicy>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub global_network_policies: Store<GlobalNetworkPolicy>,
+    pub staged_network_policies: Store<StagedNetworkPolicy>,
+    pub staged_global_network_policies: Store<StagedGlobalNetworkPolicy>,
+    pub staged_k8s_policies: Store<StagedKubernetesNetworkPolicy>,
+    pub network_sets: Store<NetworkSet>,
+    pub global_network_sets: Store<GlobalNetworkSet>,
+}
+
+impl PolicyStores {
+    /// A snapshot of everything policy evaluation reads; `pods` is the daemon's one Pod store.
+    pub fn objects(&self, pods: &Store<Pod>) -> ClusterObjects {
+        fn all<K>(s: &Store<K>) -> Vec<K>
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            s.state().iter().map(|o| (**o).clone()).collect()
+        }
+        ClusterObjects {
+            namespaces: all(&self.namespaces),
+            pods: all(pods),
+            service_accounts: all(&self.service_accounts),
+            k8s_policies: all(&self.k8s_policies),
+            network_policies: all(&self.network_policies),
+            global_network_policies: all(&self.global_network_policies),
+            staged_network_policies: all(&self.staged_network_policies),
+            staged_global_network_policies: all(&self.staged_global_network_policies),
+            staged_k8s_policies: all(&self.staged_k8s_policies),
+            network_sets: all(&self.network_sets),
+            global_network_sets: all(&self.global_network_sets),
+        }
+    }
 }
 
 /// Running watches: the view they fill, their sync status, and the tasks to stop.
@@ -105,12 +154,61 @@ impl Datastore {
             Api::all(client.clone()),
             trim_common::<FelixConfiguration>,
         );
+        let policy = PolicyStores {
+            namespaces: watch.spawn("namespaces", Api::all(client.clone()), trim_labels_only),
+            service_accounts: watch.spawn(
+                "serviceaccounts",
+                Api::all(client.clone()),
+                trim_labels_only,
+            ),
+            k8s_policies: watch.spawn(
+                "networkpolicies.networking.k8s.io",
+                Api::all(client.clone()),
+                trim_common::<K8sNetworkPolicy>,
+            ),
+            network_policies: watch.spawn(
+                "networkpolicies",
+                Api::all(client.clone()),
+                trim_common::<NetworkPolicy>,
+            ),
+            global_network_policies: watch.spawn(
+                "globalnetworkpolicies",
+                Api::all(client.clone()),
+                trim_common::<GlobalNetworkPolicy>,
+            ),
+            staged_network_policies: watch.spawn(
+                "stagednetworkpolicies",
+                Api::all(client.clone()),
+                trim_common::<StagedNetworkPolicy>,
+            ),
+            staged_global_network_policies: watch.spawn(
+                "stagedglobalnetworkpolicies",
+                Api::all(client.clone()),
+                trim_common::<StagedGlobalNetworkPolicy>,
+            ),
+            staged_k8s_policies: watch.spawn(
+                "stagedkubernetesnetworkpolicies",
+                Api::all(client.clone()),
+                trim_common::<StagedKubernetesNetworkPolicy>,
+            ),
+            network_sets: watch.spawn(
+                "networksets",
+                Api::all(client.clone()),
+                trim_common::<NetworkSet>,
+            ),
+            global_network_sets: watch.spawn(
+                "globalnetworksets",
+                Api::all(client.clone()),
+                trim_common::<GlobalNetworkSet>,
+            ),
+        };
         reporter.seal();
         Datastore {
             view: ClusterView {
                 nodes,
                 ip_pools,
                 felix_configs,
+                policy,
                 changes,
             },
             status,
@@ -173,6 +271,13 @@ impl Watches<'_> {
 /// Managed fields are large and never read by the daemon.
 fn trim_common<K: ResourceExt>(obj: &mut K) {
     obj.managed_fields_mut().clear();
+}
+
+/// Namespaces and service accounts matter to policy only through their labels (selectors
+/// match `pcns.*` / `pcsa.*`); everything else (annotations, secrets, status) is dropped.
+fn trim_labels_only<K: ResourceExt>(obj: &mut K) {
+    trim_common(obj);
+    obj.annotations_mut().clear();
 }
 
 /// Container image lists dominate a Node's size and play no part in networking.

@@ -8,6 +8,7 @@ mod ipam_jobs;
 mod listen;
 mod overlay;
 mod overlay_metrics;
+mod policy;
 mod signals;
 pub mod snapshot;
 mod startup;

@@ -55,6 +55,8 @@ pub struct Running {
     pub election: Election,
     pub cni: CniService,
     pub drivers: Drivers,
+    /// The policy driver, when enabled (`TORTIE_POLICY=1`).
+    pub policy: Option<tokio::task::AbortHandle>,
     pub ipam_jobs: IpamJobs,
     /// FelixConfiguration follower and the live values derived from it.
     pub settings: Vec<tokio::task::JoinHandle<()>>,
@@ -65,6 +67,9 @@ impl Running {
     /// released. The kernel is left as it is: a restart must not cut pods off.
     pub async fn stop(self) {
         self.drivers.stop();
+        if let Some(p) = &self.policy {
+            p.abort();
+        }
         self.ipam_jobs.stop();
         self.settings
             .iter()
@@ -213,6 +218,7 @@ pub async fn start(
     ));
     let resync_interval = effective.borrow().route_refresh;
 
+    let policy_pods = pods.clone();
     let cni = CniService::start(
         &cfg.cni,
         node,
@@ -231,6 +237,7 @@ pub async fn start(
 
     let (dataplane_tx, dataplane_rx) = watch::channel(first.dataplane);
     let (nat_tx, nat_rx) = watch::channel(first.nat);
+    let policy_failures = overlay_metrics.failures.clone();
     let drivers = Drivers::start(
         kernel,
         dataplane_rx,
@@ -258,6 +265,16 @@ pub async fn start(
     ready
         .dataplane
         .set_not_ready("first dataplane apply not done yet");
+    let policy = super::policy::enabled().then(|| {
+        super::policy::start(
+            datastore.view.clone(),
+            policy_pods,
+            node.to_string(),
+            resync_interval,
+            policy_failures,
+            &ready.health,
+        )
+    });
     wait_first(drivers.overlay_outcome.clone(), &ready.dataplane, "overlay").await;
     wait_first(drivers.nat_outcome.clone(), &ready.dataplane, "NAT table").await;
     ready.dataplane.set_ready();
@@ -270,6 +287,7 @@ pub async fn start(
         election,
         cni,
         drivers,
+        policy,
         ipam_jobs,
         settings: vec![
             follow_task,

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, PodStatus};
 use kube::api::Api;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -124,7 +124,8 @@ pub fn watch_nodes(client: Client) -> (Store<Node>, JoinHandle<()>) {
 
 fn trim_pod(p: &mut Pod) {
     p.managed_fields_mut().clear();
-    p.metadata.labels = None;
+    // Labels, the service account and the containers' named ports stay: network policy
+    // reads them from this same store.
     p.metadata.owner_references = None;
     // The daemon shares this store with the CNI, which reads Calico's pod annotations
     // (pools, fixed addresses, container ID) too.
@@ -135,7 +136,20 @@ fn trim_pod(p: &mut Pod) {
                 || k.starts_with("cni.projectcalico.org/")
         });
     }
-    p.spec = None;
+    p.spec = p.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        service_account_name: s.service_account_name,
+        containers: s
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                ..Container::default()
+            })
+            .collect(),
+        ..PodSpec::default()
+    });
     p.status = p.status.take().map(|s| PodStatus {
         phase: s.phase,
         pod_ip: s.pod_ip,
