@@ -35,7 +35,7 @@ pub fn start(
     let expect = Expect {
         stall_after: Some(health::grace()),
         fail_after: health::grace(),
-        vital: false,
+        ..Expect::default()
     };
     let pulse = health.register("dataplane/policy", expect);
     let task = tokio::spawn(async move {
