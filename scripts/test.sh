@@ -12,7 +12,11 @@ tortie_ensure_deps
 phase_start=$SECONDS
 phase() { echo "[test] phase $1: $((SECONDS - phase_start)) s" >&2; phase_start=$SECONDS; }
 export TORTIE_CONTROLPLANE_BIN=${TORTIE_CONTROLPLANE_BIN:-$(bash scripts/controlplane/build.sh)}
-[ "${TORTIE_E2E:-1}" = 0 ] || bash scripts/cluster/build.sh >/dev/null
+if [ "${TORTIE_E2E:-1}" != 0 ]; then
+  # The cluster's kubectl also runs the manifests' `kubectl apply --dry-run=server` tests.
+  cluster_bin=$(bash scripts/cluster/build.sh)
+  export TORTIE_KUBECTL=${TORTIE_KUBECTL:-$cluster_bin/kubectl}
+fi
 phase "Go builds"
 
 cargo fmt --all -- --check

@@ -837,6 +837,8 @@ async fn grant_access(cp: &ControlPlane, user: &str) {
             rule("", "nodes", &["get", "list", "watch", "patch"]),
             rule("", "pods", &["get", "list", "watch", "patch"]),
             rule("", "namespaces", &read),
+            rule("", "serviceaccounts", &read),
+            rule("networking.k8s.io", "networkpolicies", &read),
             rule("crd.projectcalico.org", "*", &write),
             rule("coordination.k8s.io", "leases", &write),
         ]),

@@ -107,12 +107,21 @@ async fn watches(cp: &ControlPlane) -> anyhow::Result<BTreeMap<String, u64>> {
     for line in text.lines().filter(|l| {
         l.starts_with("apiserver_longrunning_requests{") && l.contains("verb=\"WATCH\"")
     }) {
-        let resource = line
-            .split("resource=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or_default()
-            .to_string();
+        // Keyed by group and resource: `networkpolicies` is a kind of two groups
+        // (networking.k8s.io and crd.projectcalico.org).
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (group, resource) = (label("group"), label("resource"));
+        let resource = if group.is_empty() {
+            resource
+        } else {
+            format!("{resource}.{group}")
+        };
         let n: f64 = line
             .rsplit(' ')
             .next()
@@ -166,7 +175,15 @@ async fn one_watch_per_kind_and_every_loop_fault_shows_on_health_by_name() -> an
     for (resource, n) in &opened {
         assert_eq!(*n, 1, "{resource}: {n} watches ({opened:?})");
     }
-    for kind in ["nodes", "ippools", "ipamblocks", "pods", "namespaces"] {
+    for kind in [
+        "nodes",
+        "pods",
+        "namespaces",
+        "ippools.crd.projectcalico.org",
+        "ipamblocks.crd.projectcalico.org",
+        "networkpolicies.networking.k8s.io",
+        "networkpolicies.crd.projectcalico.org",
+    ] {
         assert!(
             opened.contains_key(&kind.to_string()),
             "no {kind} watch: {opened:?}"

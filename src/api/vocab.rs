@@ -14,6 +14,8 @@ pub const ATTR_TYPE: &str = "type";
 pub const ATTR_POD_UID: &str = "pod-uid";
 
 /// Pod annotations written after ADD (`podIPs` is comma-joined CIDRs).
+/// Every Calico CNI annotation (pod and namespace) starts with this.
+pub const CNI_ANNOTATION_PREFIX: &str = "cni.projectcalico.org/";
 pub const ANNOTATION_POD_IP: &str = "cni.projectcalico.org/podIP";
 pub const ANNOTATION_POD_IPS: &str = "cni.projectcalico.org/podIPs";
 pub const ANNOTATION_CONTAINER_ID: &str = "cni.projectcalico.org/containerID";

@@ -98,7 +98,7 @@ impl CniService {
         ipam: Arc<Ipam>,
         stop: watch::Receiver<bool>,
         health: &crate::health::Registry,
-        pods: Option<kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>>,
+        pods: Option<crate::cni::handlers::SharedStores>,
     ) -> Result<CniService, ServiceError> {
         let plumber = Plumber::open(Path::new(OWN_NETNS)).await?;
         let settings = CniSettings {

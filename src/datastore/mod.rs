@@ -155,7 +155,7 @@ impl Datastore {
             trim_common::<FelixConfiguration>,
         );
         let policy = PolicyStores {
-            namespaces: watch.spawn("namespaces", Api::all(client.clone()), trim_labels_only),
+            namespaces: watch.spawn("namespaces", Api::all(client.clone()), trim_namespace),
             service_accounts: watch.spawn(
                 "serviceaccounts",
                 Api::all(client.clone()),
@@ -278,6 +278,16 @@ fn trim_common<K: ResourceExt>(obj: &mut K) {
 fn trim_labels_only<K: ResourceExt>(obj: &mut K) {
     trim_common(obj);
     obj.annotations_mut().clear();
+}
+
+/// Namespaces: labels for policy, and Calico's `cni.projectcalico.org/*` annotations (pool
+/// choice) for the CNI, which reads this store too.
+fn trim_namespace(ns: &mut Namespace) {
+    trim_common(ns);
+    ns.spec = None;
+    ns.status = None;
+    ns.annotations_mut()
+        .retain(|k, _| k.starts_with(crate::api::vocab::CNI_ANNOTATION_PREFIX));
 }
 
 /// Container image lists dominate a Node's size and play no part in networking.

@@ -227,7 +227,10 @@ pub async fn start(
         ipam,
         stopped.clone(),
         &ready.health,
-        Some(pods),
+        Some(crate::cni::handlers::SharedStores {
+            pods,
+            namespaces: datastore.view.policy.namespaces.clone(),
+        }),
     )
     .await?;
     metrics.register("tortie_cni_*", cni.daemon.metrics().clone())?;
@@ -430,6 +433,10 @@ async fn mirror_status(
 
 fn report_datastore(status: &DatastoreStatus, ipam_ok: bool, ready: &Condition, metrics: &Metrics) {
     metrics.apiserver_connected.set(i64::from(status.connected));
+    // A lost API server fails every watch: that shows as `tortie_apiserver_connected`, and
+    // the stores keep their data, so they stay synced. A watch failing while the API server
+    // answers (a CRD removed, RBAC revoked) is out of sync.
+    let ipam_ok = ipam_ok || !status.connected;
     metrics
         .datastore_synced
         .set(i64::from(status.synced && ipam_ok));

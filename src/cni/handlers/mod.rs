@@ -16,6 +16,7 @@ use kube::Client;
 
 use self::locks::ContainerLocks;
 use self::pod::PodView;
+pub use self::pod::SharedStores;
 use super::error::{CniError, code};
 use super::invocation::Command;
 use super::plumbing::{Plumber, PlumbingError};
@@ -146,13 +147,13 @@ impl CniDaemon {
         CniDaemon::with_pods(settings, client, ipam, plumber, None)
     }
 
-    /// `new`, reading the daemon's shared Pod store when given one.
+    /// `new`, reading the daemon's shared Pod and Namespace stores when given.
     pub fn with_pods(
         settings: CniSettings,
         client: Client,
         ipam: Arc<Ipam>,
         plumber: Plumber,
-        pods: Option<kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>>,
+        pods: Option<SharedStores>,
     ) -> CniDaemon {
         CniDaemon {
             pods: PodView::with_pods(client, &settings.node, pods),

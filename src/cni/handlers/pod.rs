@@ -39,6 +39,14 @@ fn api_err(action: &'static str, object: String) -> impl FnOnce(kube::Error) -> 
 /// them instead of two GETs; a pod the watch has not delivered yet, or whose UID differs
 /// from the runtime's `K8S_POD_UID` (deleted and re-created under the same name), is read
 /// from the API server.
+/// The daemon's one Pod and one Namespace store (the cluster view's), read by the CNI too.
+/// The Namespace store must keep Calico's `cni.projectcalico.org/*` annotations.
+#[derive(Clone)]
+pub struct SharedStores {
+    pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+}
+
 pub struct PodView {
     client: Client,
     annotations: Annotations,
@@ -54,23 +62,26 @@ impl Drop for PodView {
 }
 
 impl PodView {
-    /// Starts the namespace watch (and a Pod watch of this node unless `pods`, the daemon's
-    /// shared Pod store, is given); must be called inside a tokio runtime. Lookups work at
-    /// once (through the API server until the caches fill).
-    pub fn with_pods(client: Client, node: &str, pods: Option<Store<Pod>>) -> PodView {
+    /// Uses the daemon's shared Pod and Namespace stores when given (`shared`), else starts
+    /// its own watches (a Pod watch of this node, every namespace); must be called inside a
+    /// tokio runtime. Lookups work at once (through the API server until the caches fill).
+    pub fn with_pods(client: Client, node: &str, shared: Option<SharedStores>) -> PodView {
         let mut tasks = Vec::new();
-        let pods = pods.unwrap_or_else(|| {
-            let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-            let (pods, task) = reflect(Api::all(client.clone()), on_node, trim_pod, "CNI pods");
-            tasks.push(task);
-            pods
-        });
-        let (namespaces, ns_task) = reflect(
-            Api::all(client.clone()),
-            watcher::Config::default(),
-            trim_namespace,
-            "CNI namespaces",
-        );
+        let (pods, namespaces) = match shared {
+            Some(s) => (s.pods, s.namespaces),
+            None => {
+                let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+                let (pods, task) = reflect(Api::all(client.clone()), on_node, trim_pod, "CNI pods");
+                let (namespaces, ns_task) = reflect(
+                    Api::all(client.clone()),
+                    watcher::Config::default(),
+                    trim_namespace,
+                    "CNI namespaces",
+                );
+                tasks.extend([task, ns_task]);
+                (pods, namespaces)
+            }
+        };
         PodView {
             annotations: Annotations {
                 client: client.clone(),
@@ -78,10 +89,7 @@ impl PodView {
             client,
             pods,
             namespaces,
-            tasks: {
-                tasks.push(ns_task);
-                tasks
-            },
+            tasks,
         }
     }
 
