@@ -64,6 +64,12 @@ pub struct NodeArgs {
     #[arg(long, env = "TORTIE_IPAM_GC_GRACE", default_value_t = 900)]
     pub ipam_gc_grace: u64,
 
+    /// After a policy change is committed, delete the conntrack entries of this node's flows
+    /// that the new policy denies, so they stop at once (off by default, as in Calico, where
+    /// live connections outlive the policy that now denies them).
+    #[arg(long, env = "TORTIE_POLICY_CUT_DENIED_CONNECTIONS")]
+    pub policy_cut_denied_connections: bool,
+
     #[command(flatten)]
     pub cni: CniNodeArgs,
 
@@ -92,6 +98,7 @@ pub struct NodeConfig {
     pub checksum_offload_broken: Option<bool>,
     pub lease_namespace: String,
     pub ipam_gc_grace: Duration,
+    pub policy_cut_denied_connections: bool,
     pub cni: CniNodeArgs,
     /// The settings above that were given explicitly: they win over FelixConfiguration.
     pub felix_local: crate::felix_config::Local,
@@ -190,6 +197,7 @@ impl NodeConfig {
             checksum_offload_broken: args.checksum_offload_broken,
             lease_namespace: args.lease_namespace,
             ipam_gc_grace: Duration::from_secs(args.ipam_gc_grace),
+            policy_cut_denied_connections: args.policy_cut_denied_connections,
             cni: args.cni,
             felix_local,
             default_pool,

@@ -3,6 +3,7 @@
 //! difference. They touch only what tortie owns: its devices and route protocol 80.
 
 mod batch;
+pub mod conntrack;
 pub mod converge;
 mod error;
 pub mod kernel;
@@ -11,6 +12,8 @@ pub mod monitor;
 pub mod mtu;
 pub mod neighbours;
 pub mod netns;
+pub mod nflog;
+pub mod nfnetlink;
 pub mod nft;
 mod offload;
 pub mod resync;

@@ -30,6 +30,7 @@ pub fn start(
     node: String,
     interval: Duration,
     failures: IntCounter,
+    mut obs: super::policy_obs::PolicyObs,
     health: &Registry,
 ) -> AbortHandle {
     let expect = Expect {
@@ -46,9 +47,8 @@ pub fn start(
             changes.borrow_and_update();
             let objects = view.policy.objects(&pods);
             let plan = policy_plan(&objects, &node, &CompileOptions::default());
-            for d in &plan.diagnostics {
-                tracing::debug!(diagnostic = ?d, "policy diagnostic");
-            }
+            obs.report.planned(&objects, &plan.table, &plan.diagnostics);
+            let started = std::time::Instant::now();
             let joined = tokio::task::spawn_blocking(move || {
                 let r = driver.reconcile(&plan.table);
                 (driver, r)
@@ -57,6 +57,9 @@ pub fn start(
             let result = match joined {
                 Ok((d, r)) => {
                     driver = d;
+                    let script = driver.transactions().last();
+                    obs.committed(started.elapsed(), &r, script, &objects, &node)
+                        .await;
                     r.map(|_| ()).map_err(|e| e.to_string())
                 }
                 Err(e) => {

@@ -219,6 +219,7 @@ pub async fn start(
     let resync_interval = effective.borrow().route_refresh;
 
     let policy_pods = pods.clone();
+    let policy_client = client.clone();
     let cni = CniService::start(
         &cfg.cni,
         node,
@@ -241,6 +242,7 @@ pub async fn start(
     let (dataplane_tx, dataplane_rx) = watch::channel(first.dataplane);
     let (nat_tx, nat_rx) = watch::channel(first.nat);
     let policy_failures = overlay_metrics.failures.clone();
+    let policy_apply = overlay_metrics.apply_seconds.clone();
     let drivers = Drivers::start(
         kernel,
         dataplane_rx,
@@ -268,16 +270,25 @@ pub async fn start(
     ready
         .dataplane
         .set_not_ready("first dataplane apply not done yet");
-    let policy = super::policy::enabled().then(|| {
-        super::policy::start(
+    let policy = match super::policy::enabled() {
+        true => Some(super::policy::start(
             datastore.view.clone(),
             policy_pods,
             node.to_string(),
             resync_interval,
             policy_failures,
+            super::policy_obs::PolicyObs::start(
+                metrics,
+                policy_apply,
+                policy_client,
+                election.is_leader.clone(),
+                node,
+                cfg.policy_cut_denied_connections,
+            )?,
             &ready.health,
-        )
-    });
+        )),
+        false => None,
+    };
     wait_first(drivers.overlay_outcome.clone(), &ready.dataplane, "overlay").await;
     wait_first(drivers.nat_outcome.clone(), &ready.dataplane, "NAT table").await;
     ready.dataplane.set_ready();

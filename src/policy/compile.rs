@@ -310,9 +310,12 @@ impl Compiler<'_> {
             // A staged policy's Deny only tells its audit chain.
             Action::Deny if staged => set_mark_and_return(MARK_SCRATCH0),
             Action::Deny => "counter drop".to_string(),
+            // To nflog, read by `dataplane::nflog` into one structured line per packet;
+            // rate-limited so a flood cannot flood the logs.
             Action::Log => format!(
-                "log prefix \"{}\" level info",
-                truncate(&format!("tortie {comment}: "), 127)
+                "limit rate 10/second burst 20 packets log prefix \"{}\" group {}",
+                truncate(comment, 127),
+                crate::dataplane::nflog::GROUP
             ),
         };
         let mut per_family: Vec<(u8, Vec<String>)> = Vec::new();

@@ -8,6 +8,7 @@ pub mod calico;
 pub mod cli;
 pub mod cluster;
 pub mod compile;
+pub mod cut;
 pub mod diagnostic;
 pub mod endpoint;
 pub mod eval;

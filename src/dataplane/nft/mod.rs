@@ -4,6 +4,7 @@
 //! the kernel (`read`) and the table is rewritten whole only when it drifted. Blocking (it
 //! waits for `nft`): call it from `spawn_blocking` inside tokio.
 
+pub mod counters;
 pub mod read;
 pub mod render;
 pub mod run;

@@ -1,0 +1,102 @@
+//! Which live flows a policy change cuts (`--policy-cut-denied-connections`): a flow that
+//! involves one of this node's endpoints and that the model now denies, decided by the same
+//! evaluator `tortie policy explain` uses. Pure: the driver lists conntrack and deletes.
+
+use std::net::IpAddr;
+
+use super::eval::{Flow, evaluate};
+use super::model::Model;
+
+/// True when `flow` (a conntrack entry's original direction) should be cut under `model`.
+/// Flows from the host's own addresses are never cut: the host reaches its pods without
+/// their ingress policy (kubelet probes), as the dataplane does.
+pub fn cut(model: &Model, host_addrs: &[IpAddr], flow: &Flow) -> bool {
+    if host_addrs.contains(&flow.src) {
+        return false;
+    }
+    let local = |ip: IpAddr| {
+        model
+            .endpoint_by_ip(ip)
+            .is_some_and(|e| e.interface.is_some())
+    };
+    if !local(flow.src) && !local(flow.dst) {
+        return false;
+    }
+    !evaluate(model, flow).allowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Protocol;
+    use crate::policy::cluster::{ClusterObjects, build_model};
+
+    fn model(deny: bool) -> Model {
+        let mut c = ClusterObjects::default();
+        for (name, ip) in [("web", "10.0.0.1"), ("db", "10.0.0.2"), ("far", "10.0.9.9")] {
+            c.pods.push(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"namespace": "prod", "name": name, "labels": {"app": name}},
+                    "spec": {"containers": [{"name": "c"}]},
+                    "status": {"podIP": ip, "podIPs": [{"ip": ip}]}
+                }))
+                .unwrap(),
+            );
+        }
+        if deny {
+            c.network_policies.push(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"namespace": "prod", "name": "db-in"},
+                    "spec": {"selector": "app == 'db'", "types": ["Ingress"],
+                             "ingress": [{"action": "Allow", "protocol": "TCP",
+                                          "destination": {"ports": [5432]}}]}
+                }))
+                .unwrap(),
+            );
+        }
+        let mut m = build_model(&c);
+        for ep in &mut m.endpoints {
+            if ep.name != "far" {
+                ep.interface = Some(format!("cali{}", ep.name));
+            }
+        }
+        m
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_flow_the_new_model_denies_is_cut_and_an_allowed_one_is_kept() {
+        let host = [ip("198.18.0.1")];
+        let to_db = |port| Flow::tcp(ip("10.0.0.1"), ip("10.0.0.2"), port);
+        assert!(
+            !cut(&model(false), &host, &to_db(9090)),
+            "no policy: allowed"
+        );
+        assert!(cut(&model(true), &host, &to_db(9090)));
+        assert!(!cut(&model(true), &host, &to_db(5432)), "allowed port");
+        let udp = Flow::new(ip("10.0.0.1"), ip("10.0.0.2"), Protocol::UDP, 5432);
+        assert!(cut(&model(true), &host, &udp));
+    }
+
+    #[test]
+    fn host_flows_and_flows_without_a_local_endpoint_are_never_cut() {
+        let host = [ip("198.18.0.1")];
+        let m = model(true);
+        assert!(!cut(&m, &host, &Flow::tcp(host[0], ip("10.0.0.2"), 9090)));
+        // Remote pod to an outside address: not this node's business.
+        assert!(!cut(
+            &m,
+            &host,
+            &Flow::tcp(ip("10.0.9.9"), ip("192.0.2.1"), 9090)
+        ));
+        // A remote pod into a local one: the local ingress decides.
+        assert!(cut(
+            &m,
+            &host,
+            &Flow::tcp(ip("10.0.9.9"), ip("10.0.0.2"), 9090)
+        ));
+    }
+}
