@@ -600,7 +600,7 @@ fn calico_only_rules_in_the_kernel_match_the_evaluator() {
         ])
         .unwrap();
     assert!(
-        web.contains("log prefix \"tortie prod/web ingress rule 0"),
+        web.contains("log prefix \"prod/web ingress rule 0\" group 30"),
         "{web}"
     );
 }

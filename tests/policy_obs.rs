@@ -18,7 +18,7 @@ use tortie::dataplane::nflog::{self, LoggedPacket};
 use tortie::dataplane::nft::Runner;
 use tortie::dataplane::nft::counters;
 use tortie::metrics::{BuildInfo, Metrics};
-use tortie::node::policy_counters::{CounterMetrics, Counted, Ledger};
+use tortie::node::policy_counters::{Counted, CounterMetrics, Ledger};
 use tortie::node::policy_cut::cut_denied;
 use tortie::policy::Model;
 use tortie::policy::cluster::{ClusterObjects, build_model};
@@ -171,7 +171,7 @@ fn a_log_rule_writes_one_structured_line_per_packet_read_over_nflog() {
     let mut got: Vec<LoggedPacket> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(3);
     while got.is_empty() && Instant::now() < deadline {
-        got = reader.next().unwrap();
+        got = reader.read().unwrap();
     }
     let p = got.first().expect("a logged packet within 3 s");
     assert_eq!(p.group, nflog::GROUP);
@@ -277,14 +277,17 @@ fn denied_packets_count_per_policy_and_a_staged_policy_counts_without_dropping()
         "{text}"
     );
     assert!(
-        text.contains("tortie_policy_staged_would_deny_packets_total{policy=\"prod/staged:web-lock\"} 2"),
+        text.contains(
+            "tortie_policy_staged_would_deny_packets_total{policy=\"prod/staged:web-lock\"} 2"
+        ),
         "{text}"
     );
 }
 
 /// Sends a line every 50 ms on `s` for `dur`; how many echoes came back after `from`.
 fn echoes_after(s: &mut TcpStream, dur: Duration, from: Duration) -> usize {
-    s.set_read_timeout(Some(Duration::from_millis(150))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(150)))
+        .unwrap();
     let start = Instant::now();
     let mut reader = BufReader::new(s.try_clone().unwrap());
     let mut late = 0;

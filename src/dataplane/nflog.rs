@@ -201,7 +201,7 @@ impl Reader {
     }
 
     /// The packets of the next datagram; empty after a one-second timeout.
-    pub fn next(&mut self) -> Result<Vec<LoggedPacket>, NfnlError> {
+    pub fn read(&mut self) -> Result<Vec<LoggedPacket>, NfnlError> {
         match self.socket.recv(&mut self.buf) {
             Ok(Some(data)) => decode(data),
             Ok(None) => Ok(Vec::new()),
@@ -220,7 +220,7 @@ impl Reader {
     /// Reads and logs until `stop` says so (checked at least once a second).
     pub fn run(mut self, stop: impl Fn() -> bool) -> Result<(), NfnlError> {
         while !stop() {
-            for p in self.next()? {
+            for p in self.read()? {
                 emit(&p);
             }
         }
