@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, ResourceExt};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::dataplane::nft::Outcome;
 use crate::desired::nft::Table;
@@ -20,7 +20,14 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::policy::cluster::ClusterObjects;
 use crate::policy::{Diagnostic, PolicyId, PolicyKind, Severity};
 
-pub const REASON: &str = "PolicyNotFullyApplied";
+/// Event reasons, by diagnostic severity.
+pub fn reason(s: Severity) -> &'static str {
+    match s {
+        Severity::NotApplied => "PolicyFieldNotApplied",
+        Severity::FailClosed => "PolicyFailsClosed",
+        Severity::SelectsNothing => "PolicySelectsNothing",
+    }
+}
 const CONTROLLER: &str = "tortie-policy";
 
 /// Remembers the previous pass's diagnostics so each is reported once per change.
@@ -222,8 +229,13 @@ impl ReportMetrics {
 }
 
 /// A diagnostic on its way to an Event.
+#[derive(Debug, Clone, PartialEq)]
 struct Pending {
     object: ObjectReference,
+    reason: &'static str,
+    /// The field: part of the Event's action, since the recorder folds Events with the same
+    /// object, reason and action into one series whatever their notes.
+    field: String,
     note: String,
 }
 
@@ -232,7 +244,8 @@ struct Pending {
 pub struct PolicyReport {
     metrics: ReportMetrics,
     ledger: DiagnosticLedger,
-    events: Option<mpsc::UnboundedSender<Pending>>,
+    /// The current diagnostics, for the Event publisher.
+    events: Option<watch::Sender<Vec<Pending>>>,
 }
 
 impl PolicyReport {
@@ -276,15 +289,28 @@ impl PolicyReport {
             .map(|d| &d.policy)
             .collect();
         m.invalid_policies.set(invalid.len() as i64);
-        for d in self.ledger.fresh(diagnostics) {
+        let fresh = self.ledger.fresh(diagnostics);
+        for d in &fresh {
             tracing::warn!(policy = %d.policy, field = %d.field,
                 kind = severity_label(d.severity), "{d}");
-            if let Some(tx) = &self.events {
-                let _ = tx.send(Pending {
+        }
+        if let Some(tx) = &self.events {
+            let now: Vec<Pending> = diagnostics
+                .iter()
+                .map(|d| Pending {
                     object: reference(objects, &d.policy),
+                    reason: reason(d.severity),
+                    field: d.field.clone(),
                     note: d.to_string(),
-                });
-            }
+                })
+                .collect();
+            tx.send_if_modified(|cur| {
+                let changed = *cur != now;
+                if changed {
+                    *cur = now;
+                }
+                changed
+            });
         }
     }
 
@@ -305,14 +331,15 @@ impl PolicyReport {
     }
 }
 
-/// Publishes queued diagnostics as Warning Events while this node leads; others drop them
-/// (the leader publishes the same ones).
+/// Publishes the current diagnostics as Warning Events while this node leads, each once:
+/// every node computes the same ones, so only the lease holder speaks. A node that becomes
+/// leader publishes what is current once (its predecessor may have died before it did).
 fn spawn_publisher(
     client: Client,
-    is_leader: watch::Receiver<bool>,
+    mut is_leader: watch::Receiver<bool>,
     node: String,
-) -> mpsc::UnboundedSender<Pending> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
+) -> watch::Sender<Vec<Pending>> {
+    let (tx, mut current) = watch::channel(Vec::<Pending>::new());
     let recorder = Recorder::new(
         client,
         Reporter {
@@ -321,24 +348,40 @@ fn spawn_publisher(
         },
     );
     tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            if !*is_leader.borrow() {
-                continue;
+        let mut published: Vec<Pending> = Vec::new();
+        loop {
+            let now = current.borrow_and_update().clone();
+            if *is_leader.borrow_and_update() {
+                for p in now.iter().filter(|p| !published.contains(p)) {
+                    publish(&recorder, p).await;
+                }
+                // Forget the ones gone, so one that comes back is published again.
+                published = now;
+            } else {
+                published.clear();
             }
-            let event = Event {
-                type_: EventType::Warning,
-                reason: REASON.to_string(),
-                note: Some(p.note.chars().take(1024).collect()),
-                action: "CompilePolicy".to_string(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&event, &p.object).await {
-                tracing::warn!(object = ?p.object.name, error = %e,
-                    "cannot publish the policy diagnostic event");
+            tokio::select! {
+                r = current.changed() => if r.is_err() { return },
+                r = is_leader.changed() => if r.is_err() { return },
             }
         }
     });
     tx
+}
+
+async fn publish(recorder: &Recorder, p: &Pending) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: p.reason.to_string(),
+        note: Some(p.note.chars().take(1024).collect()),
+        action: format!("Enforce {}", p.field).chars().take(128).collect(),
+        secondary: None,
+    };
+    match recorder.publish(&event, &p.object).await {
+        Ok(()) => tracing::debug!(object = ?p.object.name, "published a policy diagnostic event"),
+        Err(e) => tracing::warn!(object = ?p.object.name, error = %e,
+            "cannot publish the policy diagnostic event"),
+    }
 }
 
 #[cfg(test)]
