@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use crate::dataplane::conntrack::{Conntrack, ConntrackError, Tuple};
-use crate::policy::cut::cut;
+use crate::policy::cut::Cutter;
 use crate::policy::{Flow, Model, Protocol};
 
 /// The flow a conntrack entry's original direction is.
@@ -48,14 +48,14 @@ pub struct CutReport {
 /// Lists conntrack in the calling thread's namespace and deletes the entries `model` now
 /// denies. Blocking.
 pub fn cut_denied(model: &Model) -> Result<CutReport, ConntrackError> {
-    let host = host_addrs();
+    let cutter = Cutter::new(model, &host_addrs());
     let mut ct = Conntrack::open()?;
     let entries = ct.list()?;
     let mut report = CutReport {
         entries: entries.len(),
         cut: 0,
     };
-    for t in entries.iter().filter(|t| cut(model, &host, &flow(t))) {
+    for t in entries.iter().filter(|t| cutter.cut(&flow(t))) {
         if ct.delete(t)? {
             report.cut += 1;
             tracing::info!(src = %t.src, dst = %t.dst, protocol = t.protocol,

@@ -2,27 +2,52 @@
 //! involves one of this node's endpoints and that the model now denies, decided by the same
 //! evaluator `tortie policy explain` uses. Pure: the driver lists conntrack and deletes.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use super::eval::{Flow, evaluate};
 use super::model::Model;
 
-/// True when `flow` (a conntrack entry's original direction) should be cut under `model`.
-/// Flows from the host's own addresses are never cut: the host reaches its pods without
-/// their ingress policy (kubelet probes), as the dataplane does.
+/// Decides, for one model, which flows a change cuts. Built once per change: the set of
+/// local endpoint addresses makes the common case (a conntrack entry of no local pod) one
+/// hash lookup, whatever the size of the conntrack table.
+pub struct Cutter<'a> {
+    model: &'a Model,
+    host: HashSet<IpAddr>,
+    local: HashSet<IpAddr>,
+}
+
+impl<'a> Cutter<'a> {
+    pub fn new(model: &'a Model, host_addrs: &[IpAddr]) -> Cutter<'a> {
+        Cutter {
+            model,
+            host: host_addrs.iter().copied().collect(),
+            local: model
+                .endpoints
+                .iter()
+                .filter(|e| e.interface.is_some())
+                .flat_map(|e| e.ips.iter().copied())
+                .collect(),
+        }
+    }
+
+    /// True when `flow` (a conntrack entry's original direction) should be cut. Flows from
+    /// the host's own addresses are never cut: the host reaches its pods without their
+    /// ingress policy (kubelet probes), as the dataplane does.
+    pub fn cut(&self, flow: &Flow) -> bool {
+        if self.host.contains(&flow.src) {
+            return false;
+        }
+        if !self.local.contains(&flow.src) && !self.local.contains(&flow.dst) {
+            return false;
+        }
+        !evaluate(self.model, flow).allowed
+    }
+}
+
+/// One flow, without building a `Cutter` (tests, `policy explain`-style single answers).
 pub fn cut(model: &Model, host_addrs: &[IpAddr], flow: &Flow) -> bool {
-    if host_addrs.contains(&flow.src) {
-        return false;
-    }
-    let local = |ip: IpAddr| {
-        model
-            .endpoint_by_ip(ip)
-            .is_some_and(|e| e.interface.is_some())
-    };
-    if !local(flow.src) && !local(flow.dst) {
-        return false;
-    }
-    !evaluate(model, flow).allowed
+    Cutter::new(model, host_addrs).cut(flow)
 }
 
 #[cfg(test)]
