@@ -58,8 +58,7 @@ pub fn start(
                 Ok((d, r)) => {
                     driver = d;
                     let script = driver.transactions().last();
-                    obs.committed(started.elapsed(), &r, script, &objects, &node)
-                        .await;
+                    obs.committed(started.elapsed(), &r, script, &objects);
                     r.map(|_| ()).map_err(|e| e.to_string())
                 }
                 Err(e) => {

@@ -3,6 +3,7 @@
 //! denied connections after each committed change. The driver loop calls `planned`,
 //! `applied` and `committed`; everything else runs on its own.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
@@ -20,13 +21,16 @@ use crate::policy::cluster::ClusterObjects;
 
 pub struct PolicyObs {
     pub report: PolicyReport,
-    cut: bool,
-    counters: JoinHandle<()>,
+    /// The latest committed objects, for the cut task (None: the cut is off).
+    cut: Option<watch::Sender<Option<Arc<ClusterObjects>>>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for PolicyObs {
     fn drop(&mut self) {
-        self.counters.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -48,31 +52,50 @@ impl PolicyObs {
             policy_counters::INTERVAL,
         );
         start_log_reader();
-        Ok(PolicyObs {
-            report,
-            cut,
-            counters,
-        })
+        let mut tasks = vec![counters];
+        let cut = cut.then(|| {
+            let (tx, rx) = watch::channel(None);
+            tasks.push(tokio::spawn(cut_loop(rx, node.to_string())));
+            tx
+        });
+        Ok(PolicyObs { report, cut, tasks })
     }
 
-    /// After a reconcile: metrics, and when the table changed and the cut is on, the cut.
-    pub async fn committed<E>(
+    /// After a reconcile: metrics, and when the table changed and the cut is on, the cut
+    /// of what the new model denies (in its own task: a long conntrack table must not hold
+    /// up the next policy pass; a newer change supersedes one not yet started).
+    pub fn committed<E>(
         &self,
         elapsed: Duration,
         result: &Result<Outcome, E>,
         script: Option<&str>,
         objects: &ClusterObjects,
-        node: &str,
     ) {
         self.report.applied(elapsed, result, script);
-        if !self.cut || !result.as_ref().is_ok_and(|o| o.wrote()) {
-            return;
+        if let Some(tx) = &self.cut
+            && result.as_ref().is_ok_and(|o| o.wrote())
+        {
+            tx.send_replace(Some(Arc::new(objects.clone())));
         }
-        let model = local_model(objects, node);
-        match tokio::task::spawn_blocking(move || super::policy_cut::cut_denied(&model)).await {
+    }
+}
+
+async fn cut_loop(mut rx: watch::Receiver<Option<Arc<ClusterObjects>>>, node: String) {
+    while rx.changed().await.is_ok() {
+        let Some(objects) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let node = node.clone();
+        let started = std::time::Instant::now();
+        let joined = tokio::task::spawn_blocking(move || {
+            super::policy_cut::cut_denied(&local_model(&objects, &node))
+        })
+        .await;
+        match joined {
             Ok(Ok(r)) => tracing::debug!(
                 entries = r.entries,
                 cut = r.cut,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                 "conntrack checked after a policy change"
             ),
             Ok(Err(e)) => {

@@ -2,7 +2,8 @@
 //! involves one of this node's endpoints and that the model now denies, decided by the same
 //! evaluator `tortie policy explain` uses. Pure: the driver lists conntrack and deletes.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use super::eval::{Flow, evaluate};
@@ -11,10 +12,16 @@ use super::model::Model;
 /// Decides, for one model, which flows a change cuts. Built once per change: the set of
 /// local endpoint addresses makes the common case (a conntrack entry of no local pod) one
 /// hash lookup, whatever the size of the conntrack table.
+type FlowKey = (IpAddr, IpAddr, u8, u16, u16, Option<u8>, Option<u8>);
+
 pub struct Cutter<'a> {
     model: &'a Model,
     host: HashSet<IpAddr>,
     local: HashSet<IpAddr>,
+    /// Whether any rule matches source ports: if none does, flows that differ only in their
+    /// source port (connections of one client to one service) share one evaluation.
+    source_ports: bool,
+    memo: RefCell<HashMap<FlowKey, bool>>,
 }
 
 impl<'a> Cutter<'a> {
@@ -28,6 +35,14 @@ impl<'a> Cutter<'a> {
                 .filter(|e| e.interface.is_some())
                 .flat_map(|e| e.ips.iter().copied())
                 .collect(),
+            source_ports: model
+                .policies
+                .iter()
+                .flat_map(|p| p.ingress.iter().chain(&p.egress))
+                .any(|r| {
+                    !r.matches.source.ports.is_empty() || !r.matches.source.not_ports.is_empty()
+                }),
+            memo: RefCell::new(HashMap::new()),
         }
     }
 
@@ -41,7 +56,21 @@ impl<'a> Cutter<'a> {
         if !self.local.contains(&flow.src) && !self.local.contains(&flow.dst) {
             return false;
         }
-        !evaluate(self.model, flow).allowed
+        let key = (
+            flow.src,
+            flow.dst,
+            flow.protocol.0,
+            if self.source_ports { flow.src_port } else { 0 },
+            flow.dst_port,
+            flow.icmp_type,
+            flow.icmp_code,
+        );
+        if let Some(&cut) = self.memo.borrow().get(&key) {
+            return cut;
+        }
+        let cut = !evaluate(self.model, flow).allowed;
+        self.memo.borrow_mut().insert(key, cut);
+        cut
     }
 }
 
@@ -104,6 +133,21 @@ mod tests {
         assert!(!cut(&model(true), &host, &to_db(5432)), "allowed port");
         let udp = Flow::new(ip("10.0.0.1"), ip("10.0.0.2"), Protocol::UDP, 5432);
         assert!(cut(&model(true), &host, &udp));
+    }
+
+    #[test]
+    fn flows_differing_in_source_port_share_a_decision_unless_a_rule_matches_source_ports() {
+        let m = model(true);
+        let c = Cutter::new(&m, &[]);
+        assert!(!c.source_ports);
+        let mut f = Flow::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 9090);
+        assert!(c.cut(&f));
+        f.src_port = 1234;
+        assert!(c.cut(&f));
+        assert_eq!(c.memo.borrow().len(), 1);
+        let mut m = model(true);
+        m.policies[0].ingress[0].matches.source.ports = vec![crate::policy::PortMatch::Range(1, 2)];
+        assert!(Cutter::new(&m, &[]).source_ports);
     }
 
     #[test]
