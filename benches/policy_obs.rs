@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
 
     // Flows: 1 in 20 touches a local pod, the rest are other pods' or the outside world's.
     let flow = |k: usize| {
-        let src = if k % 20 == 0 {
+        let src = if k.is_multiple_of(20) {
             pod_ip(k % local.max(1))
         } else {
             pod_ip(local + k % (pods - local).max(1))
