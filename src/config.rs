@@ -270,6 +270,17 @@ mod tests {
     }
 
     #[test]
+    fn cutting_denied_connections_is_off_unless_asked_for() {
+        let base = ["--node-name", "w", "--kubeconfig", "/k"];
+        let off = NodeConfig::from_args(parse(&base)).expect("valid");
+        assert!(!off.policy_cut_denied_connections, "Calico keeps them");
+        let mut argv = base.to_vec();
+        argv.push("--policy-cut-denied-connections");
+        let on = NodeConfig::from_args(parse(&argv)).expect("valid");
+        assert!(on.policy_cut_denied_connections);
+    }
+
+    #[test]
     fn explicit_flags_are_remembered_so_they_win_over_felix_configuration() {
         let cfg = NodeConfig::from_args(parse(&[
             "--node-name",
