@@ -9,8 +9,8 @@ use std::time::Duration;
 use kube::Client;
 use tokio::sync::watch;
 
-use super::dataplane::{Drivers, FirstOutcome};
-use super::ipam_jobs::IpamJobs;
+use super::dataplane::{Drivers, FirstOutcome, IpipFeedback, Wanted};
+use super::ipam_jobs::{IpamJobs, JobContext};
 use super::overlay::Overlay;
 use super::overlay_metrics::OverlayMetrics;
 use super::tunnel::Publisher;
@@ -133,28 +133,23 @@ pub async fn start(
     let ipam = Arc::new(start_ipam(&client, node, shared).await);
     // One Pod watch for the daemon: the GC and the CNI read the same store.
     let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
+    let jobs = JobContext {
+        client: client.clone(),
+        nodes: datastore.view.nodes.clone(),
+        is_leader: election.is_leader.clone(),
+        stopped: stopped.clone(),
+        health: ready.health.clone(),
+    };
     let mut ipam_jobs = IpamJobs::start(
+        &jobs,
         metrics,
         ipam.clone(),
-        client.clone(),
-        datastore.view.nodes.clone(),
-        election.is_leader.clone(),
         cfg.ipam_gc_grace,
-        stopped.clone(),
-        &ready.health,
         (pods.clone(), pods_watch),
     )?;
     watch_ipam_health(&ready.health, ipam.clone());
     if let Some(pool) = cfg.default_pool.clone() {
-        ipam_jobs.start_default_pool(
-            client.clone(),
-            pool,
-            node,
-            datastore.view.nodes.clone(),
-            election.is_leader.clone(),
-            stopped.clone(),
-            &ready.health,
-        );
+        ipam_jobs.start_default_pool(&jobs, pool, node);
     }
     ipam.supervise(&ready.health);
     // From here `tortie_datastore_synced` also covers the IPAM view's watches.
@@ -244,12 +239,16 @@ pub async fn start(
     let policy_failures = overlay_metrics.failures.clone();
     let drivers = Drivers::start(
         kernel,
-        dataplane_rx,
-        nat_rx,
+        Wanted {
+            dataplane: dataplane_rx,
+            nat: nat_rx,
+        },
         resync_interval,
         overlay_metrics,
-        overlay.ipip_missing.clone(),
-        overlay.recheck.clone(),
+        IpipFeedback {
+            missing: overlay.ipip_missing.clone(),
+            recheck: overlay.recheck.clone(),
+        },
         &ready.health,
     );
     // The calculation is vital: if it is stuck nothing else converges, so kubelet must
