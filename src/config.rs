@@ -64,6 +64,13 @@ pub struct NodeArgs {
     #[arg(long, env = "TORTIE_IPAM_GC_GRACE", default_value_t = 900)]
     pub ipam_gc_grace: u64,
 
+    /// Enforce Kubernetes and Calico network policy in this node's `inet tortie-policy`
+    /// table, with each CNI ADD answering only once its pod's policy is in the kernel;
+    /// false (or 0) turns enforcement off.
+    #[arg(long, env = "TORTIE_POLICY", default_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub policy: bool,
+
     #[command(flatten)]
     pub cni: CniNodeArgs,
 
@@ -92,6 +99,8 @@ pub struct NodeConfig {
     pub checksum_offload_broken: Option<bool>,
     pub lease_namespace: String,
     pub ipam_gc_grace: Duration,
+    /// Network policy enforced (`TORTIE_POLICY`).
+    pub policy: bool,
     pub cni: CniNodeArgs,
     /// The settings above that were given explicitly: they win over FelixConfiguration.
     pub felix_local: crate::felix_config::Local,
@@ -190,6 +199,7 @@ impl NodeConfig {
             checksum_offload_broken: args.checksum_offload_broken,
             lease_namespace: args.lease_namespace,
             ipam_gc_grace: Duration::from_secs(args.ipam_gc_grace),
+            policy: args.policy,
             cni: args.cni,
             felix_local,
             default_pool,

@@ -1,11 +1,12 @@
-//! The policy driver as the daemon runs it (opt-in for now: `TORTIE_POLICY=1`): on every
-//! change of the cluster view (and each resync) a snapshot of the policy stores and pods is
-//! compiled to this node's `inet tortie-policy` table and reconciled through the shared nft
-//! driver. Registered with the health registry; failed passes count in
-//! `felix_int_dataplane_failures`. Not yet done: the CNI ADD does not wait for its pod's
-//! chains, and the shared Pod store does not bump the view's change counter, so a new pod
-//! is picked up on the next change of another kind or the next resync.
+//! The policy driver as the daemon runs it (on unless `TORTIE_POLICY=false`): on every
+//! change of the cluster view, every pod the CNI registers or removes, and each resync, a
+//! snapshot of the policy stores, the pods and this node's registered endpoints is compiled
+//! to the node's `inet tortie-policy` table and reconciled through the shared nft driver.
+//! A successful pass tells the registry which generation is in the kernel, which releases
+//! the CNI ADDs waiting for their pod's policy. Registered with the health registry; failed
+//! passes count in `felix_int_dataplane_failures`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -13,25 +14,35 @@ use kube::runtime::reflector::Store;
 use prometheus::IntCounter;
 use tokio::task::AbortHandle;
 
-use crate::calc::policy::policy_plan;
+use crate::calc::policy::{PolicyPlan, policy_plan, with_local_endpoints};
+use crate::cni::handlers::endpoints::{LocalEndpoint, LocalEndpoints};
 use crate::dataplane::nft::{Driver, Runner};
 use crate::datastore::ClusterView;
 use crate::health::{self, Expect, Registry};
 use crate::policy::compile::CompileOptions;
 
-/// Whether the daemon enforces policy (env `TORTIE_POLICY`: `1`/`true`).
-pub fn enabled() -> bool {
-    std::env::var("TORTIE_POLICY").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+/// How soon a failed pass is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What the driver reads.
+pub struct Inputs {
+    pub view: ClusterView,
+    pub pods: Store<Pod>,
+    pub endpoints: Arc<LocalEndpoints>,
+    pub node: String,
+    pub interval: Duration,
+    pub failures: IntCounter,
 }
 
-pub fn start(
-    view: ClusterView,
-    pods: Store<Pod>,
-    node: String,
-    interval: Duration,
-    failures: IntCounter,
-    health: &Registry,
-) -> AbortHandle {
+/// The one place the calculation is called: the view's snapshot with this node's
+/// registered endpoints laid over its pods.
+fn plan(inputs: &Inputs, local: &[LocalEndpoint]) -> PolicyPlan {
+    let mut objects = inputs.view.policy.objects(&inputs.pods);
+    with_local_endpoints(&mut objects.pods, local);
+    policy_plan(&objects, &inputs.node, &CompileOptions::default())
+}
+
+pub fn start(inputs: Inputs, health: &Registry) -> AbortHandle {
     let expect = Expect {
         stall_after: Some(health::grace()),
         fail_after: health::grace(),
@@ -39,13 +50,20 @@ pub fn start(
     };
     let pulse = health.register("dataplane/policy", expect);
     let task = tokio::spawn(async move {
-        let mut changes = view.changes.clone();
+        // A first pass over a Pod store still listing would drop every local pod's
+        // dispatch entry (a restart must not cut pods off): wait for its list.
+        if inputs.pods.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut changes = inputs.view.changes.clone();
+        let mut registered = inputs.endpoints.subscribe();
         let mut driver = Driver::new(Runner::default());
         loop {
             pulse.busy();
             changes.borrow_and_update();
-            let objects = view.policy.objects(&pods);
-            let plan = policy_plan(&objects, &node, &CompileOptions::default());
+            registered.borrow_and_update();
+            let (generation, local) = inputs.endpoints.snapshot();
+            let plan = plan(&inputs, &local);
             for d in &plan.diagnostics {
                 tracing::debug!(diagnostic = ?d, "policy diagnostic");
             }
@@ -65,17 +83,25 @@ pub fn start(
                 }
             };
             pulse.idle();
+            // A failure is retried soon: CNI ADDs may be waiting for this table.
+            let mut wait = inputs.interval;
             match result {
-                Ok(()) => pulse.recovered(),
+                Ok(()) => {
+                    inputs.endpoints.committed(generation);
+                    pulse.recovered();
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "policy table reconcile failed; retrying at the next change or resync");
-                    failures.inc();
+                    inputs.endpoints.failed(e.clone());
+                    inputs.failures.inc();
                     pulse.failing(e);
+                    wait = wait.min(RETRY);
                 }
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(interval) => {}
+                changed = registered.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     });

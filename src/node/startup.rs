@@ -55,7 +55,7 @@ pub struct Running {
     pub election: Election,
     pub cni: CniService,
     pub drivers: Drivers,
-    /// The policy driver, when enabled (`TORTIE_POLICY=1`).
+    /// The policy driver, unless turned off (`TORTIE_POLICY=false`).
     pub policy: Option<tokio::task::AbortHandle>,
     pub ipam_jobs: IpamJobs,
     /// FelixConfiguration follower and the live values derived from it.
@@ -131,7 +131,9 @@ pub async fn start(
     };
     let ipam = Arc::new(start_ipam(&client, node, shared).await);
     // One Pod watch for the daemon: the GC and the CNI read the same store.
-    let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
+    // Its changes wake the calculations as the view's own stores do (policy reads pods).
+    let (pods, pods_watch) =
+        crate::ipam::gc::watch_pods_notifying(client.clone(), datastore.notifier());
     let mut ipam_jobs = IpamJobs::start(
         metrics,
         ipam.clone(),
@@ -219,6 +221,10 @@ pub async fn start(
     let resync_interval = effective.borrow().route_refresh;
 
     let policy_pods = pods.clone();
+    // The registry of pods the CNI plumbs, read by the policy driver: ADD waits on it.
+    let endpoints = cfg
+        .policy
+        .then(|| Arc::new(crate::cni::handlers::endpoints::LocalEndpoints::default()));
     let cni = CniService::start(
         &cfg.cni,
         node,
@@ -230,6 +236,7 @@ pub async fn start(
         Some(crate::cni::handlers::SharedStores {
             pods,
             namespaces: datastore.view.policy.namespaces.clone(),
+            endpoints: endpoints.clone(),
         }),
     )
     .await?;
@@ -268,13 +275,16 @@ pub async fn start(
     ready
         .dataplane
         .set_not_ready("first dataplane apply not done yet");
-    let policy = super::policy::enabled().then(|| {
+    let policy = endpoints.map(|endpoints| {
         super::policy::start(
-            datastore.view.clone(),
-            policy_pods,
-            node.to_string(),
-            resync_interval,
-            policy_failures,
+            super::policy::Inputs {
+                view: datastore.view.clone(),
+                pods: policy_pods,
+                endpoints,
+                node: node.to_string(),
+                interval: resync_interval,
+                failures: policy_failures,
+            },
             &ready.health,
         )
     });

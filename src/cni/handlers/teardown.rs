@@ -51,6 +51,9 @@ impl CniDaemon {
             .map(|(ns, name)| host_veth_name(ns, name))
             .unwrap_or_default();
         let main = request.kind == PluginKind::Main;
+        if let (Some(registry), Some((ns, name))) = (&self.endpoints, pod) {
+            registry.remove(ns, name, container);
+        }
         // Routes first: once nothing routes to the addresses they may be released while the
         // kernel takes its time removing the veth pair.
         let started = std::time::Instant::now();
