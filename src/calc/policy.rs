@@ -70,11 +70,7 @@ fn annotated_ips(pod: &Pod) -> Option<Vec<IpAddr>> {
 fn set_ips(pod: &mut Pod, ips: &[IpAddr]) {
     let status = pod.status.get_or_insert_with(PodStatus::default);
     status.pod_ip = ips.first().map(ToString::to_string);
-    status.pod_ips = Some(
-        ips.iter()
-            .map(|ip| PodIP { ip: ip.to_string() })
-            .collect(),
-    );
+    status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
 }
 
 /// The pods as policy must see them. Pods this node's CNI registered carry the addresses

@@ -383,7 +383,7 @@ where
             let changed = match &ev {
                 watcher::Event::Apply(obj) => reader
                     .get(&reflector::ObjectRef::from_obj(obj))
-                    .is_none_or(|old| !same_contents(&old, obj)),
+                    .is_none_or(|old| !same_contents(old.as_ref(), obj)),
                 watcher::Event::Delete(_) | watcher::Event::InitDone => true,
                 watcher::Event::Init | watcher::Event::InitApply(_) => false,
             };

@@ -245,7 +245,11 @@ impl CniDaemon {
 
     /// Bounded: an ADD never answers success before its pod's policy exists, and a
     /// driver that cannot commit fails the ADD with an error naming policy.
-    async fn wait_policy(&self, generation: Option<u64>, t: &Target<'_>) -> Result<(), HandlerError> {
+    async fn wait_policy(
+        &self,
+        generation: Option<u64>,
+        t: &Target<'_>,
+    ) -> Result<(), HandlerError> {
         let (Some(registry), Some(generation)) = (&self.endpoints, generation) else {
             return Ok(());
         };

@@ -81,8 +81,7 @@ impl LocalEndpoints {
     pub fn register(&self, ep: LocalEndpoint) -> u64 {
         let mut e = self.lock();
         e.generation += 1;
-        e.by_pod
-            .insert((ep.namespace.clone(), ep.pod.clone()), ep);
+        e.by_pod.insert((ep.namespace.clone(), ep.pod.clone()), ep);
         let g = e.generation;
         self.changed.send_replace(g);
         g
@@ -92,7 +91,10 @@ impl LocalEndpoints {
     pub fn remove(&self, namespace: &str, pod: &str, container: &str) {
         let mut e = self.lock();
         let key = (namespace.to_string(), pod.to_string());
-        if e.by_pod.get(&key).is_some_and(|ep| ep.container == container) {
+        if e.by_pod
+            .get(&key)
+            .is_some_and(|ep| ep.container == container)
+        {
             e.by_pod.remove(&key);
             e.generation += 1;
             self.changed.send_replace(e.generation);
@@ -133,9 +135,13 @@ impl LocalEndpoints {
     ) -> Result<(), PolicyWaitError> {
         let mut rx = self.committed.subscribe();
         let started = std::time::Instant::now();
-        match tokio::time::timeout(timeout, rx.wait_for(|c| c.generation >= generation)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(PolicyWaitError::Stopped {
+        let waited = tokio::time::timeout(timeout, async {
+            rx.wait_for(|c| c.generation >= generation).await.is_ok()
+        })
+        .await;
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(PolicyWaitError::Stopped {
                 pod: pod.to_string(),
             }),
             Err(_) => Err(PolicyWaitError::Timeout {
