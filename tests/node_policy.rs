@@ -708,6 +708,7 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
                 })
         })
         .with_context(|| format!("no set holds {} alone: {listing}", client_a.ip))?;
+    let deleted = Instant::now();
     node.exec_ok(&[
         "nft",
         "delete",
@@ -748,10 +749,22 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
     );
     let server_iface = host_veth_name("default", "server-a");
     let repaired = eventually(Duration::from_secs(RESYNC_SECS + 3), || {
-        let set_back = node
-            .exec_ok(&["nft", "list", "set", "inet", "tortie-policy", &set])
-            .unwrap_or_default()
-            .contains(&client_a.ip);
+        let listed = node
+            .exec_ok(&["nft", "-j", "list", "set", "inet", "tortie-policy", &set])
+            .unwrap_or_default();
+        let set_back = serde_json::from_str::<serde_json::Value>(&listed)
+            .ok()
+            .and_then(|v| {
+                v["nftables"].as_array()?.iter().find_map(|o| {
+                    let elems = o.get("set")?.get("elem")?.as_array()?;
+                    Some(
+                        elems
+                            .iter()
+                            .any(|e| e.as_str() == Some(client_a.ip.as_str())),
+                    )
+                })
+            })
+            .unwrap_or(false);
         let rule_back = node
             .exec_ok(&[
                 "nft",
@@ -766,10 +779,10 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
         set_back && rule_back
     })
     .await;
-    let repaired = repaired.with_context(|| format!("drift not repaired\n{}", c.logs()))?;
+    anyhow::ensure!(repaired.is_some(), "drift not repaired\n{}", c.logs());
     eprintln!(
-        "hand-deleted set element and rule restored after {} ms",
-        repaired.as_millis()
+        "hand-deleted set element and rule restored {} ms after the deletion (resync {RESYNC_SECS} s)",
+        deleted.elapsed().as_millis()
     );
     assert!(connects(&client_a.netns, &server_a.ip, DENIED_WAIT));
     assert!(!connects(&other_a.netns, &server_a.ip, DENIED_WAIT));
