@@ -289,6 +289,19 @@ mod tests {
     }
 
     #[test]
+    fn policy_is_enforced_unless_turned_off() {
+        let on = |argv: &[&str]| {
+            let mut full = vec!["--node-name", "n1"];
+            full.extend_from_slice(argv);
+            NodeConfig::from_args(parse(&full)).expect("valid").policy
+        };
+        assert!(on(&[]), "on by default");
+        assert!(on(&["--policy", "true"]));
+        assert!(!on(&["--policy", "false"]));
+        assert!(!on(&["--policy", "0"]));
+    }
+
+    #[test]
     fn missing_node_name_names_the_variable() {
         let mut args = parse(&[]);
         args.node_name = None;
