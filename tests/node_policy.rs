@@ -95,16 +95,22 @@ impl Cluster {
 
     /// Policy is not switched on here: it is the default.
     fn start_daemon(&mut self, i: usize) {
+        self.start_daemon_with(i, &[]);
+    }
+
+    fn start_daemon_with(&mut self, i: usize, extra: &[(&'static str, &str)]) {
+        let mut env = vec![
+            ("IP_AUTODETECTION_METHOD", "interface=eth0".into()),
+            ("TORTIE_RESYNC_INTERVAL", RESYNC_SECS.to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let d = Daemon::start(
             &self.hosts[i],
             self.dirs[i].path(),
             DaemonOpts {
                 kubeconfig: self.cp.kubeconfig_path(),
                 node_name: NAMES[i],
-                env: vec![
-                    ("IP_AUTODETECTION_METHOD", "interface=eth0".into()),
-                    ("TORTIE_RESYNC_INTERVAL", RESYNC_SECS.to_string()),
-                ],
+                env,
             },
         );
         self.daemons[i] = Some(d);
@@ -785,6 +791,20 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
         deleted.elapsed().as_millis()
     );
     assert!(connects(&client_a.netns, &server_a.ip, DENIED_WAIT));
+    assert!(!connects(&other_a.netns, &server_a.ip, DENIED_WAIT));
+
+    // ---- turned off: node-b removes its table, so nothing there is denied any more -------
+    let (status, _) = c.daemon(1).terminate();
+    assert_eq!(status.code(), Some(0));
+    c.start_daemon_with(1, &[("TORTIE_POLICY", "false")]);
+    c.daemon(1).wait_readiness(READY, |code, _| code == 200);
+    let gone = !c
+        .ns(1)
+        .exec(&["nft", "list", "table", "inet", "tortie-policy"])
+        .status
+        .success();
+    assert!(gone, "policy table left on node-b with TORTIE_POLICY=false");
+    assert!(connects(&other_a.netns, &server_b.ip, DENIED_WAIT));
     assert!(!connects(&other_a.netns, &server_a.ip, DENIED_WAIT));
 
     drop(fresh);

@@ -19,7 +19,7 @@ use crate::cni::handlers::endpoints::{LocalEndpoint, LocalEndpoints};
 use crate::dataplane::nft::{Driver, Runner};
 use crate::datastore::ClusterView;
 use crate::health::{self, Expect, Registry};
-use crate::policy::compile::CompileOptions;
+use crate::policy::compile::{CompileOptions, FAMILY, TABLE};
 
 /// How soon a failed pass is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -40,6 +40,22 @@ fn plan(inputs: &Inputs, local: &[LocalEndpoint]) -> PolicyPlan {
     let mut objects = inputs.view.policy.objects(&inputs.pods);
     with_local_endpoints(&mut objects.pods, local);
     policy_plan(&objects, &inputs.node, &CompileOptions::default())
+}
+
+/// With enforcement off, a table an earlier run left would drop every new pod's traffic
+/// (unknown interface): it goes. Failures are logged; nothing else depends on it.
+pub async fn remove_table() {
+    let removed = tokio::task::spawn_blocking(|| {
+        let table = crate::desired::nft::Table::new(FAMILY, TABLE);
+        Driver::new(Runner::default()).remove(&table)
+    })
+    .await;
+    match removed {
+        Ok(Ok(true)) => tracing::info!("policy enforcement is off: removed the policy table"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove the policy table"),
+        Err(e) => tracing::warn!(error = %e, "policy table removal task failed"),
+    }
 }
 
 pub fn start(inputs: Inputs, health: &Registry) -> AbortHandle {

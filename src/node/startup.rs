@@ -275,6 +275,9 @@ pub async fn start(
     ready
         .dataplane
         .set_not_ready("first dataplane apply not done yet");
+    if !cfg.policy {
+        super::policy::remove_table().await;
+    }
     let policy = endpoints.map(|endpoints| {
         super::policy::start(
             super::policy::Inputs {
