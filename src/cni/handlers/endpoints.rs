@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
@@ -40,10 +40,15 @@ pub enum PolicyWaitError {
     Stopped { pod: String },
 }
 
+/// How long ADD's copy of a pod may stand in for the Pod store's: the watch delivers a new
+/// pod within moments, and a pod deleted without a DEL (runtime gone) must not linger.
+const STAND_IN: Duration = Duration::from_secs(60);
+
 #[derive(Default)]
 struct Entries {
     generation: u64,
-    by_pod: BTreeMap<(String, String), LocalEndpoint>,
+    /// Each entry with when it was registered.
+    by_pod: BTreeMap<(String, String), (LocalEndpoint, Instant)>,
 }
 
 /// What the driver last did: the registry generation its last committed table included,
@@ -81,7 +86,8 @@ impl LocalEndpoints {
     pub fn register(&self, ep: LocalEndpoint) -> u64 {
         let mut e = self.lock();
         e.generation += 1;
-        e.by_pod.insert((ep.namespace.clone(), ep.pod.clone()), ep);
+        e.by_pod
+            .insert((ep.namespace.clone(), ep.pod.clone()), (ep, Instant::now()));
         let g = e.generation;
         self.changed.send_replace(g);
         g
@@ -93,7 +99,7 @@ impl LocalEndpoints {
         let key = (namespace.to_string(), pod.to_string());
         if e.by_pod
             .get(&key)
-            .is_some_and(|ep| ep.container == container)
+            .is_some_and(|(ep, _)| ep.container == container)
         {
             e.by_pod.remove(&key);
             e.generation += 1;
@@ -101,10 +107,37 @@ impl LocalEndpoints {
         }
     }
 
+    /// Forgets whatever pod `container` holds (GC of an attachment the runtime no longer
+    /// lists: no DEL will come for it).
+    pub fn forget_container(&self, container: &str) {
+        let mut e = self.lock();
+        let before = e.by_pod.len();
+        e.by_pod.retain(|_, (ep, _)| ep.container != container);
+        if e.by_pod.len() != before {
+            e.generation += 1;
+            self.changed.send_replace(e.generation);
+        }
+    }
+
     /// The entries and the generation they make up.
     pub fn snapshot(&self) -> (u64, Vec<LocalEndpoint>) {
+        self.snapshot_at(Instant::now())
+    }
+
+    fn snapshot_at(&self, now: Instant) -> (u64, Vec<LocalEndpoint>) {
         let e = self.lock();
-        (e.generation, e.by_pod.values().cloned().collect())
+        let entries = e
+            .by_pod
+            .values()
+            .map(|(ep, at)| {
+                let mut ep = ep.clone();
+                if now.saturating_duration_since(*at) > STAND_IN {
+                    ep.object = None;
+                }
+                ep
+            })
+            .collect();
+        (e.generation, entries)
     }
 
     /// Wakes on every register/remove.
@@ -216,5 +249,21 @@ mod tests {
         assert!(wake.has_changed().expect("open"));
         let (after, eps) = r.snapshot();
         assert!(after > g && eps.is_empty());
+        r.register(ep("b", "10.0.0.2"));
+        r.forget_container("c-b");
+        assert!(r.snapshot().1.is_empty(), "GC forgets by container");
+    }
+
+    #[test]
+    fn adds_copy_of_the_pod_stands_in_only_for_a_while() {
+        let r = LocalEndpoints::default();
+        let mut e = ep("a", "10.0.0.1");
+        e.object = Some(Arc::new(Pod::default()));
+        r.register(e);
+        assert!(r.snapshot().1[0].object.is_some());
+        let later = Instant::now() + STAND_IN + Duration::from_secs(1);
+        let (_, eps) = r.snapshot_at(later);
+        assert!(eps[0].object.is_none());
+        assert_eq!(eps[0].ips, vec!["10.0.0.1".parse::<IpAddr>().expect("ip")]);
     }
 }

@@ -145,6 +145,9 @@ impl CniDaemon {
             let _serial = self.locks.lock(&container).await;
             let nets: Vec<IpNet> = addrs.iter().copied().map(IpNet::from).collect();
             let removed = self.plumber.remove_host_side(&nets).await?;
+            if let Some(registry) = &self.endpoints {
+                registry.forget_container(&container);
+            }
             let released = self.ipam.release_by_handle(&handle).await?;
             tracing::info!(handle, released = ?released, veths = removed, "GC released a stale attachment");
         }
