@@ -811,3 +811,117 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
     drop(silent);
     Ok(())
 }
+
+/// A pass that never commits (the test-only fault hook stalls the policy loop): the ADD
+/// fails after its bounded wait with an error naming policy and leaves nothing behind (no
+/// veth, no address held); once the loop runs again the same ADD succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_whose_policy_never_arrives_fails_naming_policy_and_leaves_nothing()
+-> anyhow::Result<()> {
+    let host = Host::new("np-stall")?;
+    host.ns.exec_ok(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ])?;
+    host.ns.exec_ok(&["ip", "link", "set", "eth0p", "up"])?;
+    host.ns
+        .exec_ok(&["ip", "addr", "add", "172.31.80.1/24", "dev", "eth0"])?;
+    host.ns.exec_ok(&["ip", "link", "set", "eth0", "up"])?;
+    let cp = ControlPlane::start_on(host.root_ip.into()).await?;
+    cp.create_node("node-s", &[]).await?;
+    let pool = IPPool::new(
+        "stall-pool",
+        IPPoolSpec {
+            cidr: "10.246.0.0/16".into(),
+            vxlan_mode: EncapMode::Always,
+            ..Default::default()
+        },
+    );
+    Api::<IPPool>::all(cp.client())
+        .create(&PostParams::default(), &pool)
+        .await?;
+    let faults = tempfile::tempdir()?;
+    let dir = tempfile::tempdir()?;
+    let mut d = Daemon::start(
+        &host,
+        dir.path(),
+        DaemonOpts {
+            kubeconfig: cp.kubeconfig_path(),
+            node_name: "node-s",
+            env: vec![
+                ("IP_AUTODETECTION_METHOD", "interface=eth0".into()),
+                ("TORTIE_TEST_FAULTS", faults.path().display().to_string()),
+            ],
+        },
+    );
+    d.wait_readiness(READY, |code, _| code == 200);
+    let stall = faults.path().join("dataplane_policy");
+    std::fs::write(&stall, "stall")?;
+    // A pass already under way when the fault appeared may still commit: let it end.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    create_pod(&cp.client(), "default", "late", "node-s", &[]).await?;
+    let pod_ns = NetNs::new("np-late")?;
+    let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=late";
+    let (bin, conf) = (dir.path().join("bin"), dir.path().join("net.d"));
+    let t0 = Instant::now();
+    let out = support::cni::run_cnitool(&bin, &conf, "add", args, &pod_ns.path()).await?;
+    let waited = t0.elapsed();
+    eprintln!(
+        "ADD with the policy loop stalled failed after {waited:?}: {}",
+        out.stdout
+    );
+    assert!(
+        !out.ok,
+        "ADD answered success without policy: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("policy") || out.stderr.contains("policy"),
+        "the error names policy: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        waited >= Duration::from_secs(9),
+        "bounded wait of 10 s: {waited:?}"
+    );
+    let veth = host_veth_name("default", "late");
+    assert!(
+        !host
+            .ns
+            .exec(&["ip", "link", "show", &veth])
+            .status
+            .success(),
+        "the failed ADD left {veth}"
+    );
+    let handle = tortie::ipam::pod_handle(&support::cni::cnitool_container_id(&pod_ns.path()));
+    let held = support::cni::allocations(&cp.client()).await?;
+    assert!(!held.contains_key(&handle), "{handle} still holds {held:?}");
+
+    std::fs::remove_file(&stall)?;
+    let ip = {
+        let out = support::cni::run_cnitool(&bin, &conf, "add", args, &pod_ns.path()).await?;
+        anyhow::ensure!(
+            out.ok,
+            "ADD after the loop recovered: {} {}",
+            out.stdout,
+            out.stderr
+        );
+        out.json()["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let dispatch = host.ns.exec_ok(&[
+        "nft",
+        "list",
+        "chain",
+        "inet",
+        "tortie-policy",
+        "to-wl-dispatch",
+    ])?;
+    assert!(dispatch.contains(&veth), "{ip}: {dispatch}");
+    let (status, _) = d.terminate();
+    assert_eq!(status.code(), Some(0));
+    Ok(())
+}

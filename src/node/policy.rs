@@ -76,6 +76,7 @@ pub fn start(inputs: Inputs, health: &Registry) -> AbortHandle {
         let mut driver = Driver::new(Runner::default());
         loop {
             pulse.busy();
+            crate::health::faults::check(pulse.name()).await;
             changes.borrow_and_update();
             registered.borrow_and_update();
             let (generation, local) = inputs.endpoints.snapshot();
