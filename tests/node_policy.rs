@@ -28,8 +28,11 @@ use tortie::api::{IPPool, IPPoolSpec};
 use tortie::cni::plumbing::host_veth_name;
 
 const READY: Duration = Duration::from_secs(90);
-/// The resync interval the daemons run with (90 s in production).
+/// The resync interval node-a runs with (90 s in production): drift is repaired within it.
 const RESYNC_SECS: u64 = 2;
+/// node-b's: far longer than any wait below, so whatever node-b learns about pods (new
+/// ones, relabels) it learns from the Pod watch waking its calculation, not from a resync.
+const SLOW_RESYNC_SECS: u64 = 600;
 /// Every pod serves TCP here.
 const PORT: u16 = 8080;
 const NAMES: [&str; 2] = ["node-a", "node-b"];
@@ -101,7 +104,10 @@ impl Cluster {
     fn start_daemon_with(&mut self, i: usize, extra: &[(&'static str, &str)]) {
         let mut env = vec![
             ("IP_AUTODETECTION_METHOD", "interface=eth0".into()),
-            ("TORTIE_RESYNC_INTERVAL", RESYNC_SECS.to_string()),
+            (
+                "TORTIE_RESYNC_INTERVAL",
+                [RESYNC_SECS, SLOW_RESYNC_SECS][i].to_string(),
+            ),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let d = Daemon::start(
