@@ -157,13 +157,31 @@ impl CniDaemon {
         let policy = prepared
             .as_ref()
             .and_then(|_| self.register_endpoint(&t, &host_ifname, &addrs, &info));
-        let addressing = async {
-            match prepared {
-                Some(p) => self.plumber.address(p, &addrs).await.map(Some),
-                None => Ok(None),
-            }
+        // Addressing always runs to its end (a half-made attachment would be left behind);
+        // the wait is given up as soon as addressing failed.
+        let (attached, waited) = {
+            let addressing = async {
+                match prepared {
+                    Some(p) => self.plumber.address(p, &addrs).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let wait = self.wait_policy(policy, &t);
+            tokio::pin!(addressing, wait);
+            let mut waited = None;
+            let attached = loop {
+                tokio::select! {
+                    a = &mut addressing => break a,
+                    w = &mut wait, if waited.is_none() => waited = Some(w),
+                }
+            };
+            let waited = match (&attached, waited) {
+                (Err(_), _) => Ok(()),
+                (Ok(_), Some(w)) => w,
+                (Ok(_), None) => wait.await,
+            };
+            (attached, waited)
         };
-        let (attached, waited) = tokio::join!(addressing, self.wait_policy(policy, &t));
         let attached = match (attached, waited) {
             (Ok(a), Ok(())) => a,
             (Err(e), _) => {
