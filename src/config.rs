@@ -70,6 +70,13 @@ pub struct NodeArgs {
     #[arg(long, env = "TORTIE_POLICY_CUT_DENIED_CONNECTIONS")]
     pub policy_cut_denied_connections: bool,
 
+    /// Enforce Kubernetes and Calico network policy in this node's `inet tortie-policy`
+    /// table, with each CNI ADD answering only once its pod's policy is in the kernel;
+    /// false (or 0) turns enforcement off.
+    #[arg(long, env = "TORTIE_POLICY", default_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub policy: bool,
+
     #[command(flatten)]
     pub cni: CniNodeArgs,
 
@@ -99,6 +106,8 @@ pub struct NodeConfig {
     pub lease_namespace: String,
     pub ipam_gc_grace: Duration,
     pub policy_cut_denied_connections: bool,
+    /// Network policy enforced (`TORTIE_POLICY`).
+    pub policy: bool,
     pub cni: CniNodeArgs,
     /// The settings above that were given explicitly: they win over FelixConfiguration.
     pub felix_local: crate::felix_config::Local,
@@ -198,6 +207,7 @@ impl NodeConfig {
             lease_namespace: args.lease_namespace,
             ipam_gc_grace: Duration::from_secs(args.ipam_gc_grace),
             policy_cut_denied_connections: args.policy_cut_denied_connections,
+            policy: args.policy,
             cni: args.cni,
             felix_local,
             default_pool,
@@ -295,6 +305,19 @@ mod tests {
         assert_eq!(cfg.felix_local.route_refresh, Some(Duration::from_secs(30)));
         assert_eq!(cfg.felix_local.metrics_port, None);
         assert_eq!(cfg.health_listen.port(), 9100);
+    }
+
+    #[test]
+    fn policy_is_enforced_unless_turned_off() {
+        let on = |argv: &[&str]| {
+            let mut full = vec!["--node-name", "n1"];
+            full.extend_from_slice(argv);
+            NodeConfig::from_args(parse(&full)).expect("valid").policy
+        };
+        assert!(on(&[]), "on by default");
+        assert!(on(&["--policy", "true"]));
+        assert!(!on(&["--policy", "false"]));
+        assert!(!on(&["--policy", "0"]));
     }
 
     #[test]

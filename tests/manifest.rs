@@ -228,6 +228,13 @@ fn default_pool_is_vxlan_always_with_nat_on_the_aks_pod_cidr() {
 }
 
 #[test]
+fn the_manifest_enforces_network_policy() {
+    let env = Manifest::load().daemon_env();
+    let policy = env.get("TORTIE_POLICY").and_then(|v| v.clone());
+    assert_eq!(policy.as_deref(), Some("true"));
+}
+
+#[test]
 fn every_variable_the_manifest_sets_is_one_tortie_node_reads() {
     let env = Manifest::load().daemon_env();
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_tortie"))

@@ -132,6 +132,18 @@ pub struct Datastore {
     /// Watch tasks not yet handed to a health registry (see `supervise`).
     unsupervised: Vec<(&'static str, JoinHandle<()>)>,
     aborts: Vec<AbortHandle>,
+    changes_tx: std::sync::Arc<status_channel::Sender<u64>>,
+}
+
+/// Bumps the view's change counter: for a store kept outside the view (the daemon's one
+/// Pod watch), so its changes wake the calculations as the view's own stores do.
+#[derive(Clone)]
+pub struct ChangeNotifier(std::sync::Arc<status_channel::Sender<u64>>);
+
+impl ChangeNotifier {
+    pub fn bump(&self) {
+        self.0.send_modify(|g| *g += 1);
+    }
 }
 
 impl Datastore {
@@ -142,10 +154,11 @@ impl Datastore {
         let mut tasks = Vec::new();
         let client = &conn.client;
         let (changes_tx, changes) = status_channel::channel(0);
+        let changes_tx = std::sync::Arc::new(changes_tx);
         let mut watch = Watches {
             tasks: &mut tasks,
             reporter: &reporter,
-            changes: std::sync::Arc::new(changes_tx),
+            changes: changes_tx.clone(),
         };
         let nodes = watch.spawn("nodes", Api::all(client.clone()), trim_node);
         let ip_pools = watch.spawn("ippools", Api::all(client.clone()), trim_common::<IPPool>);
@@ -214,7 +227,13 @@ impl Datastore {
             status,
             aborts: tasks.iter().map(|(_, t)| t.abort_handle()).collect(),
             unsupervised: tasks,
+            changes_tx,
         }
+    }
+
+    /// What a store outside the view bumps on each change (`reflect_notifying`).
+    pub fn notifier(&self) -> ChangeNotifier {
+        ChangeNotifier(self.changes_tx.clone())
     }
 
     /// Puts each watch task on `health` as `datastore/watch/<kind>`: one that ends or
@@ -325,4 +344,62 @@ where
         }
     });
     (store, task)
+}
+
+/// `reflect`, bumping `changes` after each list and after each change of an object's
+/// trimmed contents: an update that only moves its resourceVersion (a pod's status
+/// conditions, trimmed away) wakes nobody.
+pub fn reflect_notifying<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    trim: fn(&mut K),
+    what: &'static str,
+    changes: ChangeNotifier,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource
+        + Clone
+        + PartialEq
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, mut writer) = reflector::store();
+    let reader = writer.as_reader();
+    let task = tokio::spawn(async move {
+        let stream = watcher::watcher(api, cfg).default_backoff().modify(trim);
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!(watch = what, error = %e, "watch failed; retrying");
+                    continue;
+                }
+            };
+            let changed = match &ev {
+                watcher::Event::Apply(obj) => reader
+                    .get(&reflector::ObjectRef::from_obj(obj))
+                    .is_none_or(|old| !same_contents(old.as_ref(), obj)),
+                watcher::Event::Delete(_) | watcher::Event::InitDone => true,
+                watcher::Event::Init | watcher::Event::InitApply(_) => false,
+            };
+            writer.apply_watcher_event(&ev);
+            if changed {
+                changes.bump();
+            }
+        }
+    });
+    (store, task)
+}
+
+/// Equal but for the resourceVersion.
+fn same_contents<K: kube::Resource + Clone + PartialEq>(a: &K, b: &K) -> bool {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    a.meta_mut().resource_version = None;
+    b.meta_mut().resource_version = None;
+    a == b
 }

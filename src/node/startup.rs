@@ -56,7 +56,7 @@ pub struct Running {
     pub election: Election,
     pub cni: CniService,
     pub drivers: Drivers,
-    /// The policy driver, when enabled (`TORTIE_POLICY=1`).
+    /// The policy driver, unless turned off (`TORTIE_POLICY=false`).
     pub policy: Option<tokio::task::AbortHandle>,
     pub ipam_jobs: IpamJobs,
     /// FelixConfiguration follower and the live values derived from it.
@@ -132,7 +132,9 @@ pub async fn start(
     };
     let ipam = Arc::new(start_ipam(&client, node, shared).await);
     // One Pod watch for the daemon: the GC and the CNI read the same store.
-    let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
+    // Its changes wake the calculations as the view's own stores do (policy reads pods).
+    let (pods, pods_watch) =
+        crate::ipam::gc::watch_pods_notifying(client.clone(), datastore.notifier());
     let jobs = JobContext {
         client: client.clone(),
         nodes: datastore.view.nodes.clone(),
@@ -216,6 +218,10 @@ pub async fn start(
 
     let policy_pods = pods.clone();
     let policy_client = client.clone();
+    // The registry of pods the CNI plumbs, read by the policy driver: ADD waits on it.
+    let endpoints = cfg
+        .policy
+        .then(|| Arc::new(crate::cni::handlers::endpoints::LocalEndpoints::default()));
     let cni = CniService::start(
         &cfg.cni,
         node,
@@ -227,6 +233,7 @@ pub async fn start(
         Some(crate::cni::handlers::SharedStores {
             pods,
             namespaces: datastore.view.policy.namespaces.clone(),
+            endpoints: endpoints.clone(),
         }),
     )
     .await?;
@@ -270,24 +277,30 @@ pub async fn start(
     ready
         .dataplane
         .set_not_ready("first dataplane apply not done yet");
-    let policy = match super::policy::enabled() {
-        true => Some(super::policy::start(
-            datastore.view.clone(),
-            policy_pods,
-            node.to_string(),
-            resync_interval,
-            policy_failures,
-            super::policy_obs::PolicyObs::start(
-                metrics,
-                policy_apply,
-                policy_client,
-                election.is_leader.clone(),
-                node,
-                cfg.policy_cut_denied_connections,
-            )?,
+    if !cfg.policy {
+        super::policy::remove_table().await;
+    }
+    let policy = match endpoints {
+        Some(endpoints) => Some(super::policy::start(
+            super::policy::Inputs {
+                view: datastore.view.clone(),
+                pods: policy_pods,
+                endpoints,
+                node: node.to_string(),
+                interval: resync_interval,
+                failures: policy_failures,
+                obs: super::policy_obs::PolicyObs::start(
+                    metrics,
+                    policy_apply,
+                    policy_client,
+                    election.is_leader.clone(),
+                    node,
+                    cfg.policy_cut_denied_connections,
+                )?,
+            },
             &ready.health,
         )),
-        false => None,
+        None => None,
     };
     wait_first(drivers.overlay_outcome.clone(), &ready.dataplane, "overlay").await;
     wait_first(drivers.nat_outcome.clone(), &ready.dataplane, "NAT table").await;

@@ -5,10 +5,12 @@
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use chrono::Utc;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use super::endpoints::LocalEndpoint;
 use super::options::{self, IpamOptions};
 use super::pod::PodInfo;
 use super::{CniDaemon, HandlerError, require};
@@ -61,6 +63,10 @@ fn families(info: &PodInfo, opts: &IpamOptions) -> (bool, bool) {
         _ => (opts.v4, opts.v6),
     }
 }
+
+/// How long an ADD waits for its pod's policy to reach the kernel (one policy pass, or a
+/// few when the driver is retrying a failure).
+const POLICY_WAIT: Duration = Duration::from_secs(10);
 
 fn host_prefix(addr: IpAddr) -> IpNet {
     IpNet::from(addr)
@@ -145,22 +151,64 @@ impl CniDaemon {
             }
         };
         let t2 = std::time::Instant::now();
-        let attached = match prepared {
-            Some(p) => match self.plumber.address(p, &addrs).await {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    self.release_failed(&handle).await;
-                    return Err(e.into());
+        // The pod's policy (dispatch entry, chains, set members) is computed and committed
+        // while its addresses go on: the answer waits for both, so the pod's first packet
+        // meets its final policy.
+        let policy = prepared
+            .as_ref()
+            .and_then(|_| self.register_endpoint(&t, &host_ifname, &addrs, &info));
+        // Addressing always runs to its end (a half-made attachment would be left behind);
+        // the wait is given up as soon as addressing failed.
+        let (attached, waited) = {
+            let addressing = async {
+                match prepared {
+                    Some(p) => self.plumber.address(p, &addrs).await.map(Some),
+                    None => Ok(None),
                 }
-            },
-            None => None,
+            };
+            let wait = self.wait_policy(policy, &t);
+            tokio::pin!(addressing, wait);
+            let mut waited = None;
+            let attached = loop {
+                tokio::select! {
+                    a = &mut addressing => break a,
+                    w = &mut wait, if waited.is_none() => waited = Some(w),
+                }
+            };
+            let waited = match (&attached, waited) {
+                (Err(_), _) => Ok(()),
+                (Ok(_), Some(w)) => w,
+                (Ok(_), None) => wait.await,
+            };
+            (attached, waited)
+        };
+        let attached = match (attached, waited) {
+            (Ok(a), Ok(())) => a,
+            (Err(e), _) => {
+                self.forget_endpoint(&t);
+                self.release_failed(&handle).await;
+                return Err(e.into());
+            }
+            (Ok(a), Err(e)) => {
+                self.forget_endpoint(&t);
+                if a.is_some()
+                    && let Err(undo) = self
+                        .plumber
+                        .detach(netns.as_ref(), t.ifname, &host_ifname, &addrs)
+                        .await
+                {
+                    tracing::warn!(container = t.container, error = %undo, "could not remove the plumbing of an ADD whose policy never arrived");
+                }
+                self.release_failed(&handle).await;
+                return Err(e);
+            }
         };
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
         tracing::debug!(
             container = t.container,
             lookup_ms = ms(t0, t1),
             ipam_and_veth_ms = ms(t1, t2),
-            addressing_ms = ms(t2, std::time::Instant::now()),
+            addressing_and_policy_ms = ms(t2, std::time::Instant::now()),
             "ADD phases"
         );
         // Calico's annotations follow the answer; the container stays locked until they are
@@ -185,6 +233,49 @@ impl CniDaemon {
             mtu,
         };
         Ok(result(request, &net, attached.as_ref()))
+    }
+
+    /// Puts the pod in the policy driver's registry; the generation to wait for, when the
+    /// daemon enforces policy.
+    fn register_endpoint(
+        &self,
+        t: &Target<'_>,
+        host_ifname: &str,
+        addrs: &[IpNet],
+        info: &PodInfo,
+    ) -> Option<u64> {
+        let registry = self.endpoints.as_ref()?;
+        Some(registry.register(LocalEndpoint {
+            namespace: t.namespace.to_string(),
+            pod: t.pod.to_string(),
+            container: t.container.to_string(),
+            interface: host_ifname.to_string(),
+            ips: addrs.iter().map(IpNet::addr).collect(),
+            object: info.object.clone(),
+        }))
+    }
+
+    fn forget_endpoint(&self, t: &Target<'_>) {
+        if let Some(registry) = &self.endpoints {
+            registry.remove(t.namespace, t.pod, t.container);
+        }
+    }
+
+    /// Bounded: an ADD never answers success before its pod's policy exists, and a
+    /// driver that cannot commit fails the ADD with an error naming policy.
+    async fn wait_policy(
+        &self,
+        generation: Option<u64>,
+        t: &Target<'_>,
+    ) -> Result<(), HandlerError> {
+        let (Some(registry), Some(generation)) = (&self.endpoints, generation) else {
+            return Ok(());
+        };
+        let pod = format!("{}/{}", t.namespace, t.pod);
+        registry
+            .wait_committed(generation, &pod, POLICY_WAIT)
+            .await
+            .map_err(HandlerError::from)
     }
 
     async fn release_failed(&self, handle: &str) {
@@ -274,6 +365,13 @@ impl CniDaemon {
             }
             None => None,
         };
+        // After a daemon restart the registry no longer knows the pod: its policy is
+        // confirmed again before the answer.
+        if attached.is_some() {
+            let info = PodInfo::default();
+            let policy = self.register_endpoint(t, &net.host_ifname, &net.addrs, &info);
+            self.wait_policy(policy, t).await?;
+        }
         tracing::info!(
             container = t.container,
             "ADD repeated for a live attachment: answering with it"

@@ -3,6 +3,7 @@
 //! container run one at a time, different containers in parallel.
 
 mod add;
+pub mod endpoints;
 mod locks;
 pub mod options;
 mod pod;
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kube::Client;
 
+use self::endpoints::{LocalEndpoints, PolicyWaitError};
 use self::locks::ContainerLocks;
 use self::pod::PodView;
 pub use self::pod::SharedStores;
@@ -68,6 +70,8 @@ pub enum HandlerError {
     Check { container: String, problem: String },
     #[error("tortie daemon is not ready to serve ADD: {reason}")]
     NotReady { reason: String },
+    #[error(transparent)]
+    Policy(#[from] PolicyWaitError),
 }
 
 impl HandlerError {
@@ -134,6 +138,9 @@ pub struct CniDaemon {
     locks: ContainerLocks,
     ready: AtomicBool,
     metrics: crate::cni::metrics::CniMetrics,
+    /// Set when the daemon enforces policy: ADD registers its pod and answers only once
+    /// the pod's policy is in the kernel.
+    endpoints: Option<Arc<LocalEndpoints>>,
 }
 
 impl CniDaemon {
@@ -155,8 +162,10 @@ impl CniDaemon {
         plumber: Plumber,
         pods: Option<SharedStores>,
     ) -> CniDaemon {
+        let endpoints = pods.as_ref().and_then(|s| s.endpoints.clone());
         CniDaemon {
             pods: PodView::with_pods(client, &settings.node, pods),
+            endpoints,
             settings,
             ipam,
             plumber,

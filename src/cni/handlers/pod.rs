@@ -25,6 +25,8 @@ pub(super) struct PodInfo {
     pub annotations: BTreeMap<String, String>,
     pub namespace_annotations: BTreeMap<String, String>,
     pub namespace_labels: BTreeMap<String, String>,
+    /// The pod itself, for the policy calculation while the Pod store has not seen it.
+    pub object: Option<Arc<Pod>>,
 }
 
 fn api_err(action: &'static str, object: String) -> impl FnOnce(kube::Error) -> HandlerError {
@@ -45,6 +47,8 @@ fn api_err(action: &'static str, object: String) -> impl FnOnce(kube::Error) -> 
 pub struct SharedStores {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
+    /// The policy driver's registry of local pods, when the daemon enforces policy.
+    pub endpoints: Option<Arc<super::endpoints::LocalEndpoints>>,
 }
 
 pub struct PodView {
@@ -142,6 +146,7 @@ impl PodView {
             annotations: pod.annotations().clone(),
             namespace_annotations,
             namespace_labels,
+            object: Some(pod),
         })
     }
 

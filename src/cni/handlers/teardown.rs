@@ -51,6 +51,9 @@ impl CniDaemon {
             .map(|(ns, name)| host_veth_name(ns, name))
             .unwrap_or_default();
         let main = request.kind == PluginKind::Main;
+        if let (Some(registry), Some((ns, name))) = (&self.endpoints, pod) {
+            registry.remove(ns, name, container);
+        }
         // Routes first: once nothing routes to the addresses they may be released while the
         // kernel takes its time removing the veth pair.
         let started = std::time::Instant::now();
@@ -142,6 +145,9 @@ impl CniDaemon {
             let _serial = self.locks.lock(&container).await;
             let nets: Vec<IpNet> = addrs.iter().copied().map(IpNet::from).collect();
             let removed = self.plumber.remove_host_side(&nets).await?;
+            if let Some(registry) = &self.endpoints {
+                registry.forget_container(&container);
+            }
             let released = self.ipam.release_by_handle(&handle).await?;
             tracing::info!(handle, released = ?released, veths = removed, "GC released a stale attachment");
         }

@@ -108,6 +108,21 @@ pub fn watch_pods(client: Client) -> (Store<Pod>, JoinHandle<()>) {
     )
 }
 
+/// `watch_pods`, bumping the cluster view's change counter on every pod change (the
+/// daemon's policy calculation reads this store).
+pub fn watch_pods_notifying(
+    client: Client,
+    changes: crate::datastore::ChangeNotifier,
+) -> (Store<Pod>, JoinHandle<()>) {
+    crate::datastore::reflect_notifying(
+        Api::all(client),
+        watcher::Config::default(),
+        trim_pod,
+        "IPAM GC pods",
+        changes,
+    )
+}
+
 /// A reflector of every Node (names only matter here). The daemon's `Datastore` already
 /// has one; this is for callers without it.
 pub fn watch_nodes(client: Client) -> (Store<Node>, JoinHandle<()>) {
