@@ -234,7 +234,10 @@ fn part1(size: &Size, label_iters: usize, full_iters: usize) -> Calculated {
         let t = Instant::now();
         let plan = policy_plan(&objects, NODE, &opts);
         full.push(t.elapsed());
-        assert!(plan.table == table, "the full compile and the calculator differ");
+        assert!(
+            plan.table == table,
+            "the full compile and the calculator differ"
+        );
     }
     let (full_p50, _) = summary(full);
     println!(
@@ -253,8 +256,15 @@ fn part1(size: &Size, label_iters: usize, full_iters: usize) -> Calculated {
         // p1 (app a1, remote) is in the rule selector of its namespace's pol0, which selects
         // the local p0: it leaves that set (a2) and comes back. Every fourth change is the
         // local p0's own (its chains change: it leaves pol0).
-        let (ns, j) = (2 + i % (size.namespaces - 2), if i % 4 == 3 { 0 } else { 1 });
-        let app = if (i / (size.namespaces - 2)) % 2 == 0 { 2 } else { j };
+        let (ns, j) = (
+            2 + i % (size.namespaces - 2),
+            if i % 4 == 3 { 0 } else { 1 },
+        );
+        let app = if (i / (size.namespaces - 2)) % 2 == 0 {
+            2
+        } else {
+            j
+        };
         replace_pod(&mut snap, ns, j, app, size.nodes);
         let t = Instant::now();
         calc.sync(&snap);
@@ -387,7 +397,16 @@ fn iperf(client: &NetNs, server: &NetNs, ip: &str, secs: u32) -> Result<f64> {
         "/dev/null",
     ])?;
     std::thread::sleep(Duration::from_millis(300));
-    let out = client.exec_ok(&["iperf3", "-c", ip, "-p", "8080", "-t", &secs.to_string(), "-J"])?;
+    let out = client.exec_ok(&[
+        "iperf3",
+        "-c",
+        ip,
+        "-p",
+        "8080",
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ])?;
     let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -418,8 +437,20 @@ fn part2(size: &Size, mut c: Calculated, flips: usize, smoke: bool) -> Result<()
     let client = NetNs::new("polscale-a")?;
     let server = NetNs::new("polscale-b")?;
     let (client_ip, server_ip) = (pod_ip(0, 0), pod_ip(1, 0));
-    plumb_pod(&node, &client, &host_veth_name("ns0", "p0"), &client_ip, None)?;
-    plumb_pod(&node, &server, &host_veth_name("ns1", "p0"), &server_ip, None)?;
+    plumb_pod(
+        &node,
+        &client,
+        &host_veth_name("ns0", "p0"),
+        &client_ip,
+        None,
+    )?;
+    plumb_pod(
+        &node,
+        &server,
+        &host_veth_name("ns1", "p0"),
+        &server_ip,
+        None,
+    )?;
     let srv = Server::start(&server, &server_ip, 80)?;
     let quick = Duration::from_millis(15);
     if !probe(&client, srv.addr, Duration::from_secs(1)) {
@@ -485,7 +516,13 @@ fn part2(size: &Size, mut c: Calculated, flips: usize, smoke: bool) -> Result<()
     let mut sizes = (0, 0, 0);
     let mut written = 0;
     for i in 0..flips.max(4) {
-        replace_pod(&mut c.snap, 9, 1, if i % 2 == 0 { 2 } else { 1 }, size.nodes);
+        replace_pod(
+            &mut c.snap,
+            9,
+            1,
+            if i % 2 == 0 { 2 } else { 1 },
+            size.nodes,
+        );
         let t = Instant::now();
         c.calc.sync(&c.snap);
         let touched = c.calc.take_touched();
@@ -563,12 +600,19 @@ fn part2(size: &Size, mut c: Calculated, flips: usize, smoke: bool) -> Result<()
     // A new local pod's chains committed (what CNI ADD waits for): 1,000 policies vs none.
     let mut add = [Vec::new(), Vec::new()];
     let mut empty_driver = load(&node, Driver::new(Runner::default()), empty.table().clone())?;
-    let mut with_driver = load(&node, Driver::new(Runner::default()), c.calc.table().clone())?;
+    let mut with_driver = load(
+        &node,
+        Driver::new(Runner::default()),
+        c.calc.table().clone(),
+    )?;
     for i in 0..flips.max(4) {
         let j = 2 + (i % 40);
-        for (arm, (calc, drv)) in [(&mut empty, &mut empty_driver), (&mut c.calc, &mut with_driver)]
-            .into_iter()
-            .enumerate()
+        for (arm, (calc, drv)) in [
+            (&mut empty, &mut empty_driver),
+            (&mut c.calc, &mut with_driver),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let local = LocalEndpoint {
                 interface: format!("calibench{j}"),

@@ -86,7 +86,10 @@ fn calico_rule(rng: &mut StdRng) -> Value {
             side.insert("notSelector".into(), json!(pick(rng, &SELECTORS[1..])));
         }
         2 => {
-            side.insert("nets".into(), json!(["10.1.0.0/16", "10.1.1.0/24", "10.9.0.0/16"]));
+            side.insert(
+                "nets".into(),
+                json!(["10.1.0.0/16", "10.1.1.0/24", "10.9.0.0/16"]),
+            );
         }
         3 => {
             side.insert("namespaceSelector".into(), json!("env == 'prod'"));
@@ -99,7 +102,16 @@ fn calico_rule(rng: &mut StdRng) -> Value {
     }
     let mut dst = serde_json::Map::new();
     if rng.random_bool(0.5) {
-        dst.insert("ports".into(), json!(pick(rng, &[json!([80]), json!(["web", 81]), json!(["80:90", 443])]).clone()));
+        dst.insert(
+            "ports".into(),
+            json!(
+                pick(
+                    rng,
+                    &[json!([80]), json!(["web", 81]), json!(["80:90", 443])]
+                )
+                .clone()
+            ),
+        );
     }
     let action = pick(rng, &["Allow", "Deny", "Pass", "Log"]);
     json!({"action": action, "protocol": "TCP", "source": side, "destination": dst})
@@ -200,7 +212,11 @@ fn step(
         }
         6..=8 => {
             let name = format!("p{}", rng.random_range(0..5));
-            let ip = format!("10.1.{}.{}", rng.random_range(0..3), rng.random_range(10..14));
+            let ip = format!(
+                "10.1.{}.{}",
+                rng.random_range(0..3),
+                rng.random_range(10..14)
+            );
             if rng.random_bool(0.15) {
                 let key = (ns.to_string(), name.clone());
                 s.pods
@@ -257,7 +273,11 @@ fn step(
             if rng.random_bool(0.5) {
                 let l = LocalEndpoint {
                     interface: format!("calitest{}", rng.random_range(0..100)),
-                    ips: vec![format!("10.7.0.{}", rng.random_range(1..9)).parse().unwrap()],
+                    ips: vec![
+                        format!("10.7.0.{}", rng.random_range(1..9))
+                            .parse()
+                            .unwrap(),
+                    ],
                 };
                 overrides.insert(key, l.clone());
                 calc.set_local(ns, &name, Some(l));
@@ -297,7 +317,11 @@ fn diff(a: &Table, b: &Table) -> String {
     let mut out = Vec::new();
     for (n, s) in &a.sets {
         if b.sets.get(n) != Some(s) {
-            out.push(format!("set {n}: {:?} vs {:?}", s.elements, b.sets.get(n).map(|s| &s.elements)));
+            out.push(format!(
+                "set {n}: {:?} vs {:?}",
+                s.elements,
+                b.sets.get(n).map(|s| &s.elements)
+            ));
         }
     }
     for n in b.sets.keys().filter(|n| !a.sets.contains_key(*n)) {
@@ -305,7 +329,11 @@ fn diff(a: &Table, b: &Table) -> String {
     }
     for (n, c) in &a.chains {
         if b.chains.get(n) != Some(c) {
-            out.push(format!("chain {n}: {:?} vs {:?}", c.rules, b.chains.get(n).map(|c| &c.rules)));
+            out.push(format!(
+                "chain {n}: {:?} vs {:?}",
+                c.rules,
+                b.chains.get(n).map(|c| &c.rules)
+            ));
         }
     }
     for n in b.chains.keys().filter(|n| !a.chains.contains_key(*n)) {

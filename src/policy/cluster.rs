@@ -11,8 +11,8 @@ use kube::ResourceExt;
 
 use crate::api;
 
-use super::endpoint::{Endpoint, NamedPort, NetworkSetEntry};
 use super::diagnostic::Diagnostic;
+use super::endpoint::{Endpoint, NamedPort, NetworkSetEntry};
 use super::model::{Model, Policy, PolicyId, PolicyKind};
 use super::protocol::Protocol;
 
@@ -76,7 +76,11 @@ pub fn build_model(c: &ClusterObjects) -> Model {
         .chain(c.network_policies.iter().map(ToPolicy::to_policy))
         .chain(c.global_network_policies.iter().map(ToPolicy::to_policy))
         .chain(c.staged_network_policies.iter().map(ToPolicy::to_policy))
-        .chain(c.staged_global_network_policies.iter().map(ToPolicy::to_policy));
+        .chain(
+            c.staged_global_network_policies
+                .iter()
+                .map(ToPolicy::to_policy),
+        );
     for (p, d) in policies {
         m.diagnostics.extend(d);
         m.add_policy(p);

@@ -136,10 +136,7 @@ pub fn selector_members(ep: &Endpoint, fam: u8) -> impl Iterator<Item = IpNet> +
 
 /// A selector set of these member nets (disjoint, as an interval set needs).
 pub fn selector_set(fam: u8, nets: &[IpNet]) -> Set {
-    Set::prefixes(
-        addr_type(fam),
-        disjoint(nets).into_iter().map(Element::net),
-    )
+    Set::prefixes(addr_type(fam), disjoint(nets).into_iter().map(Element::net))
 }
 
 /// The elements an endpoint contributes to a named-port set.

@@ -151,7 +151,10 @@ impl Incremental {
         if old == new {
             return;
         }
-        self.update_members(Member::Endpoint(old.as_ref()), Member::Endpoint(new.as_ref()));
+        self.update_members(
+            Member::Endpoint(old.as_ref()),
+            Member::Endpoint(new.as_ref()),
+        );
         let was_local = old.as_ref().is_some_and(|e| e.interface.is_some());
         let is_local = new.as_ref().is_some_and(|e| e.interface.is_some());
         if was_local || is_local {
@@ -178,7 +181,10 @@ impl Incremental {
         } else {
             &mut self.policies
         };
-        let old = list.iter().position(|p| &p.id == id).map(|i| list.remove(i));
+        let old = list
+            .iter()
+            .position(|p| &p.id == id)
+            .map(|i| list.remove(i));
         if let Some(p) = &new {
             let at = list
                 .binary_search_by(|q| policy_order(q, p))
@@ -575,9 +581,8 @@ impl SetEntry {
         let Some(set) = set else {
             return false;
         };
-        let short = self.non_host > 0
-            || gone.iter().any(is_short_net)
-            || came.iter().any(is_short_net);
+        let short =
+            self.non_host > 0 || gone.iter().any(is_short_net) || came.iter().any(is_short_net);
         if short && matches!(self.spec, SetSpec::Selector { .. }) {
             let fresh = self.materialize();
             let changed = fresh.elements != set.elements;

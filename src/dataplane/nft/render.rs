@@ -149,14 +149,13 @@ pub fn changes_of(
 ) -> Option<String> {
     let t = format!("{} {}", want.family, want.name);
     let mut s = String::new();
-    let reshaped_set = sets.iter().any(|n| {
-        matches!((want.sets.get(n), known.sets.get(n)), (Some(w), Some(k)) if !w.same_shape(k))
-    });
+    let reshaped_set = sets.iter().any(
+        |n| matches!((want.sets.get(n), known.sets.get(n)), (Some(w), Some(k)) if !w.same_shape(k)),
+    );
     let reshaped_chain = chains.iter().any(|n| {
         matches!((want.chains.get(n), known.chains.get(n)), (Some(w), Some(k)) if w.hook != k.hook)
     });
-    if want.family != known.family || want.name != known.name || reshaped_set || reshaped_chain
-    {
+    if want.family != known.family || want.name != known.name || reshaped_set || reshaped_chain {
         return Some(full(want));
     }
     for name in sets {
