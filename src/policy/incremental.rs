@@ -584,9 +584,11 @@ impl SetEntry {
         let short =
             self.non_host > 0 || gone.iter().any(is_short_net) || came.iter().any(is_short_net);
         if short && matches!(self.spec, SetSpec::Selector { .. }) {
+            // Prefixes came or went: the elements are recomputed, and the set may turn
+            // between a hash and an interval set (the driver rewrites the table then).
             let fresh = self.materialize();
-            let changed = fresh.elements != set.elements;
-            set.elements = fresh.elements;
+            let changed = &fresh != set;
+            *set = fresh;
             return changed;
         }
         let mut changed = false;
