@@ -262,7 +262,7 @@ fn part1(size: &Size, label_iters: usize, full_iters: usize) -> Calculated {
             2 + i % (size.namespaces - 2),
             if i % 4 == 3 { 0 } else { 1 },
         );
-        let app = if (i / (size.namespaces - 2)) % 2 == 0 {
+        let app = if (i / (size.namespaces - 2)).is_multiple_of(2) {
             2
         } else {
             j
