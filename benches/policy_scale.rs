@@ -785,15 +785,30 @@ async fn part3(size: &Size, flips: usize) -> Result<()> {
             ],
         },
     );
+    // Full enforcement: the kernel's table equals the one the calculator makes of the same
+    // objects (compared as the driver's drift check does), and the probe is denied.
+    let mut reference = PolicyCalc::new(NODE, &CompileOptions::default());
+    reference.sync(&PolicySnapshot::from_objects(&objects));
+    let expected = reference.table().fingerprint();
     let cold = loop {
-        if !probe(&client_ns, srv.addr, quick) {
+        let have = host.ns.run(|| {
+            tortie::dataplane::nft::read::read(
+                &Runner::default(),
+                tortie::policy::compile::FAMILY,
+                tortie::policy::compile::TABLE,
+            )
+        })?;
+        if matches!(&have, Ok(Some(h)) if *h == expected) {
             break started.elapsed();
         }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("not enforced within 300 s:\n{}", daemon.log());
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("not enforced within 600 s:\n{}", daemon.log());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(100));
     };
+    if probe(&client_ns, srv.addr, quick) {
+        bail!("the table is in place but ns0 still reaches ns1/p0");
+    }
     // Steady state before measuring memory.
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!(
