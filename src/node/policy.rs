@@ -1,10 +1,12 @@
 //! The policy driver as the daemon runs it (on unless `TORTIE_POLICY=false`): on every
 //! change of the cluster view, every pod the CNI registers or removes, and each resync, a
-//! snapshot of the policy stores, the pods and this node's registered endpoints is compiled
-//! to the node's `inet tortie-policy` table and reconciled through the shared nft driver.
-//! A successful pass tells the registry which generation is in the kernel, which releases
-//! the CNI ADDs waiting for their pod's policy. Registered with the health registry; failed
-//! passes count in `felix_int_dataplane_failures`.
+//! snapshot of the policy stores and pods (shared `Arc`s) with this node's registered
+//! endpoints laid over it is handed to the incremental calculation, and the sets and chains
+//! it changed are written through the shared nft driver; a resync (or the pass after a
+//! failure) checks the whole table against the kernel. A successful pass tells the registry
+//! which generation is in the kernel, which releases the CNI ADDs waiting for their pod's
+//! policy. Registered with the health registry; failed passes count in
+//! `felix_int_dataplane_failures`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +16,10 @@ use kube::runtime::reflector::Store;
 use prometheus::IntCounter;
 use tokio::task::AbortHandle;
 
-use crate::calc::policy::{PolicyPlan, policy_plan, with_local_endpoints};
-use crate::cni::handlers::endpoints::{LocalEndpoint, LocalEndpoints};
+use crate::calc::policy::{PolicyCalc, PolicySnapshot, overrides_of};
+use crate::cni::handlers::endpoints::LocalEndpoints;
 use crate::dataplane::nft::{Driver, Runner};
 use crate::datastore::ClusterView;
-use crate::policy::cluster::ClusterObjects;
 use crate::health::{self, Expect, Registry};
 use crate::policy::compile::{CompileOptions, FAMILY, TABLE};
 
@@ -35,15 +36,6 @@ pub struct Inputs {
     pub failures: IntCounter,
     /// Events, metrics, counters and the optional cut of denied connections.
     pub obs: super::policy_obs::PolicyObs,
-}
-
-/// The one place the calculation is called: the view's snapshot with this node's
-/// registered endpoints laid over its pods.
-fn plan(inputs: &Inputs, local: &[LocalEndpoint]) -> (ClusterObjects, PolicyPlan) {
-    let mut objects = inputs.view.policy.objects(&inputs.pods);
-    with_local_endpoints(&mut objects.pods, local);
-    let plan = policy_plan(&objects, &inputs.node, &CompileOptions::default());
-    (objects, plan)
 }
 
 /// With enforcement off, a table an earlier run left would drop every new pod's traffic
@@ -78,33 +70,54 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
         let mut changes = inputs.view.changes.clone();
         let mut registered = inputs.endpoints.subscribe();
         let mut driver = Driver::new(Runner::default());
+        let mut calc = PolicyCalc::new(inputs.node.clone(), &CompileOptions::default());
+        // A timer wake-up is a resync: the whole table is checked against the kernel. So is
+        // the first pass, and the one after a failure (what was touched is not known).
+        let mut full = true;
         loop {
             pulse.busy();
             crate::health::faults::check(pulse.name()).await;
             changes.borrow_and_update();
             registered.borrow_and_update();
             let (generation, local) = inputs.endpoints.snapshot();
-            let (objects, plan) = plan(&inputs, &local);
-            inputs
-                .obs
-                .report
-                .planned(&objects, &plan.table, &plan.diagnostics);
+            let snapshot =
+                PolicySnapshot::of(&inputs.view.policy, &inputs.pods).with_registered(&local);
+            let overrides = overrides_of(&local);
+            let for_calc = snapshot.clone();
             let started = std::time::Instant::now();
             let joined = tokio::task::spawn_blocking(move || {
-                let r = driver.reconcile(&plan.table);
-                (driver, r)
+                calc.set_overrides(&overrides);
+                calc.sync(&for_calc);
+                let touched = calc.take_touched();
+                let r = if full {
+                    driver.reconcile(calc.table())
+                } else {
+                    driver.reconcile_changed(calc.table(), &touched.sets, &touched.chains)
+                };
+                (calc, driver, r)
             })
             .await;
             let result = match joined {
-                Ok((d, r)) => {
+                Ok((c, d, r)) => {
+                    calc = c;
                     driver = d;
-                    let script = driver.transactions().last();
+                    let diagnostics: Vec<_> = calc.diagnostics().cloned().collect();
                     inputs
                         .obs
-                        .committed(started.elapsed(), &r, script, &objects);
+                        .report
+                        .planned(&snapshot, calc.table(), &diagnostics);
+                    let script = driver.transactions().last();
+                    inputs.obs.committed(
+                        started.elapsed(),
+                        &r,
+                        script,
+                        &snapshot,
+                        calc.overrides(),
+                    );
                     r.map(|_| ()).map_err(|e| e.to_string())
                 }
                 Err(e) => {
+                    calc = PolicyCalc::new(inputs.node.clone(), &CompileOptions::default());
                     driver = Driver::new(Runner::default());
                     Err(format!("policy reconcile task failed: {e}"))
                 }
@@ -112,24 +125,25 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
             pulse.idle();
             // A failure is retried soon: CNI ADDs may be waiting for this table.
             let mut wait = inputs.interval;
+            let failed = result.is_err();
             match result {
                 Ok(()) => {
                     inputs.endpoints.committed(generation);
                     pulse.recovered();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "policy table reconcile failed; retrying at the next change or resync");
+                    tracing::warn!(error = %e, "policy table reconcile failed; retrying");
                     inputs.endpoints.failed(e.clone());
                     inputs.failures.inc();
                     pulse.failing(e);
                     wait = wait.min(RETRY);
                 }
             }
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                changed = registered.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(wait) => {}
-            }
+            full = tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return } else { failed },
+                changed = registered.changed() => if changed.is_err() { return } else { failed },
+                _ = tokio::time::sleep(wait) => true,
+            };
         }
     });
     health.supervise("dataplane/policy", Expect::default(), task)

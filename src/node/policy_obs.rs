@@ -13,16 +13,15 @@ use tokio::task::JoinHandle;
 
 use super::policy_counters::{self, CounterMetrics};
 use super::policy_report::{PolicyReport, ReportMetrics};
-use crate::calc::policy::local_model;
+use crate::calc::policy::{LocalOverrides, PolicySnapshot, local_model};
 use crate::dataplane::nflog;
 use crate::dataplane::nft::Outcome;
 use crate::metrics::{Metrics, MetricsError};
-use crate::policy::cluster::ClusterObjects;
 
 pub struct PolicyObs {
     pub report: PolicyReport,
     /// The latest committed objects, for the cut task (None: the cut is off).
-    cut: Option<watch::Sender<Option<Arc<ClusterObjects>>>>,
+    cut: Option<watch::Sender<Option<Arc<Committed>>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -69,26 +68,32 @@ impl PolicyObs {
         elapsed: Duration,
         result: &Result<Outcome, E>,
         script: Option<&str>,
-        objects: &ClusterObjects,
+        snapshot: &PolicySnapshot,
+        overrides: &LocalOverrides,
     ) {
         self.report.applied(elapsed, result, script);
         if let Some(tx) = &self.cut
             && result.as_ref().is_ok_and(|o| o.wrote())
         {
-            tx.send_replace(Some(Arc::new(objects.clone())));
+            tx.send_replace(Some(Arc::new((snapshot.clone(), overrides.clone()))));
         }
     }
 }
 
-async fn cut_loop(mut rx: watch::Receiver<Option<Arc<ClusterObjects>>>, node: String) {
+/// What a committed table was computed from: the stores' objects and the CNI's overrides.
+type Committed = (PolicySnapshot, LocalOverrides);
+
+async fn cut_loop(mut rx: watch::Receiver<Option<Arc<Committed>>>, node: String) {
     while rx.changed().await.is_ok() {
-        let Some(objects) = rx.borrow_and_update().clone() else {
+        let Some(committed) = rx.borrow_and_update().clone() else {
             continue;
         };
         let node = node.clone();
         let started = std::time::Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
-            super::policy_cut::cut_denied(&local_model(&objects, &node))
+            let (snapshot, overrides) = committed.as_ref();
+            let objects = snapshot.to_objects();
+            super::policy_cut::cut_denied(&local_model(&objects, &node, overrides))
         })
         .await;
         match joined {

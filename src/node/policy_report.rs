@@ -6,6 +6,7 @@
 //! did not have it (`DiagnosticLedger`, pure).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -14,10 +15,10 @@ use kube::{Client, ResourceExt};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts};
 use tokio::sync::watch;
 
+use crate::calc::policy::PolicySnapshot;
 use crate::dataplane::nft::Outcome;
 use crate::desired::nft::Table;
 use crate::metrics::{Metrics, MetricsError};
-use crate::policy::cluster::ClusterObjects;
 use crate::policy::{Diagnostic, PolicyId, PolicyKind, Severity};
 
 /// Event reasons, by diagnostic severity.
@@ -88,13 +89,13 @@ pub fn table_stats(t: &Table) -> TableStats {
 }
 
 /// Enforced policy objects in the cluster (Felix's `felix_cluster_num_policies`).
-pub fn cluster_policies(o: &ClusterObjects) -> usize {
-    o.k8s_policies.len() + o.network_policies.len() + o.global_network_policies.len()
+pub fn cluster_policies(o: &PolicySnapshot) -> usize {
+    o.enforced_policies()
 }
 
 /// The object a diagnostic is about, with its uid so `kubectl describe` shows the Event.
-pub fn reference(o: &ClusterObjects, id: &PolicyId) -> ObjectReference {
-    fn uid<K: ResourceExt>(list: &[K], id: &PolicyId) -> Option<String> {
+pub fn reference(o: &PolicySnapshot, id: &PolicyId) -> ObjectReference {
+    fn uid<K: ResourceExt>(list: &[Arc<K>], id: &PolicyId) -> Option<String> {
         list.iter()
             .find(|p| p.namespace().unwrap_or_default() == id.namespace && p.name_any() == id.name)
             .and_then(|p| p.uid())
@@ -264,7 +265,7 @@ impl PolicyReport {
     }
 
     /// Gauges from the desired table and the objects; new diagnostics logged and queued.
-    pub fn planned(&mut self, objects: &ClusterObjects, table: &Table, diagnostics: &[Diagnostic]) {
+    pub fn planned(&mut self, objects: &PolicySnapshot, table: &Table, diagnostics: &[Diagnostic]) {
         let s = table_stats(table);
         let m = &self.metrics;
         m.active_policies.set(s.policies as i64);
@@ -387,6 +388,7 @@ async fn publish(recorder: &Recorder, p: &Pending) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::cluster::ClusterObjects;
     use crate::policy::cluster::build_model;
     use crate::policy::compile::{CompileOptions, compile};
 
@@ -449,6 +451,7 @@ mod tests {
         let s = table_stats(&compile(&m, &CompileOptions::default()));
         assert_eq!((s.endpoints, s.policies, s.selectors), (2, 2, 1));
         assert_eq!(s.set_elements, 1, "db's address");
+        let c = PolicySnapshot::from_objects(&c);
         assert_eq!(cluster_policies(&c), 2);
         let r = reference(&c, &diag("b", "x").policy);
         assert_eq!(r.uid.as_deref(), Some("uid-b"));

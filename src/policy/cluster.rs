@@ -11,8 +11,9 @@ use kube::ResourceExt;
 
 use crate::api;
 
+use super::diagnostic::Diagnostic;
 use super::endpoint::{Endpoint, NamedPort, NetworkSetEntry};
-use super::model::{Model, PolicyId, PolicyKind};
+use super::model::{Model, Policy, PolicyId, PolicyKind};
 use super::protocol::Protocol;
 
 /// Everything policy evaluation reads from the API server.
@@ -67,68 +68,84 @@ pub fn build_model(c: &ClusterObjects) -> Model {
             s.spec.networks(),
         ));
     }
-    let add = |m: &mut Model, (p, d): (super::model::Policy, Vec<super::Diagnostic>)| {
+    let policies = c
+        .k8s_policies
+        .iter()
+        .map(ToPolicy::to_policy)
+        .chain(c.staged_k8s_policies.iter().map(ToPolicy::to_policy))
+        .chain(c.network_policies.iter().map(ToPolicy::to_policy))
+        .chain(c.global_network_policies.iter().map(ToPolicy::to_policy))
+        .chain(c.staged_network_policies.iter().map(ToPolicy::to_policy))
+        .chain(
+            c.staged_global_network_policies
+                .iter()
+                .map(ToPolicy::to_policy),
+        );
+    for (p, d) in policies {
         m.diagnostics.extend(d);
         m.add_policy(p);
-    };
-    let id = |kind, ns: Option<String>, name: String| PolicyId {
-        kind,
-        namespace: ns.unwrap_or_default(),
-        name,
-    };
-    for p in &c.k8s_policies {
-        let ns = p.namespace().unwrap_or_default();
-        let spec = p.spec.clone().unwrap_or_default();
-        let r = super::k8s::convert(
-            PolicyKind::KubernetesNetworkPolicy,
-            &ns,
-            &p.name_any(),
-            &(&spec).into(),
-            None,
-        );
-        add(&mut m, r);
-    }
-    for p in &c.staged_k8s_policies {
-        let ns = p.namespace().unwrap_or_default();
-        let r = super::k8s::convert(
-            PolicyKind::StagedKubernetesNetworkPolicy,
-            &ns,
-            &p.name_any(),
-            &(&p.spec).into(),
-            Some(p.spec.staged_action),
-        );
-        add(&mut m, r);
-    }
-    for p in &c.network_policies {
-        let r = super::calico::convert(
-            id(PolicyKind::NetworkPolicy, p.namespace(), p.name_any()),
-            &(&p.spec).into(),
-        );
-        add(&mut m, r);
-    }
-    for p in &c.global_network_policies {
-        let r = super::calico::convert(
-            id(PolicyKind::GlobalNetworkPolicy, None, p.name_any()),
-            &(&p.spec).into(),
-        );
-        add(&mut m, r);
-    }
-    for p in &c.staged_network_policies {
-        let r = super::calico::convert(
-            id(PolicyKind::StagedNetworkPolicy, p.namespace(), p.name_any()),
-            &(&p.spec).into(),
-        );
-        add(&mut m, r);
-    }
-    for p in &c.staged_global_network_policies {
-        let r = super::calico::convert(
-            id(PolicyKind::StagedGlobalNetworkPolicy, None, p.name_any()),
-            &(&p.spec).into(),
-        );
-        add(&mut m, r);
     }
     m
 }
+
+/// One policy object of any kind → the model's policy and what was wrong with it.
+pub trait ToPolicy {
+    const KIND: PolicyKind;
+    fn to_policy(&self) -> (Policy, Vec<Diagnostic>);
+}
+
+fn id(kind: PolicyKind, ns: Option<String>, name: String) -> PolicyId {
+    PolicyId {
+        kind,
+        namespace: ns.unwrap_or_default(),
+        name,
+    }
+}
+
+impl ToPolicy for K8sNetworkPolicy {
+    const KIND: PolicyKind = PolicyKind::KubernetesNetworkPolicy;
+    fn to_policy(&self) -> (Policy, Vec<Diagnostic>) {
+        let ns = self.namespace().unwrap_or_default();
+        let spec = self.spec.clone().unwrap_or_default();
+        super::k8s::convert(Self::KIND, &ns, &self.name_any(), &(&spec).into(), None)
+    }
+}
+
+impl ToPolicy for api::StagedKubernetesNetworkPolicy {
+    const KIND: PolicyKind = PolicyKind::StagedKubernetesNetworkPolicy;
+    fn to_policy(&self) -> (Policy, Vec<Diagnostic>) {
+        let ns = self.namespace().unwrap_or_default();
+        super::k8s::convert(
+            Self::KIND,
+            &ns,
+            &self.name_any(),
+            &(&self.spec).into(),
+            Some(self.spec.staged_action),
+        )
+    }
+}
+
+macro_rules! calico_policy {
+    ($ty:ty, $kind:expr) => {
+        impl ToPolicy for $ty {
+            const KIND: PolicyKind = $kind;
+            fn to_policy(&self) -> (Policy, Vec<Diagnostic>) {
+                super::calico::convert(
+                    id(Self::KIND, self.namespace(), self.name_any()),
+                    &(&self.spec).into(),
+                )
+            }
+        }
+    };
+}
+
+calico_policy!(api::NetworkPolicy, PolicyKind::NetworkPolicy);
+calico_policy!(api::GlobalNetworkPolicy, PolicyKind::GlobalNetworkPolicy);
+calico_policy!(api::StagedNetworkPolicy, PolicyKind::StagedNetworkPolicy);
+calico_policy!(
+    api::StagedGlobalNetworkPolicy,
+    PolicyKind::StagedGlobalNetworkPolicy
+);
 
 /// A pod as Calico makes a WorkloadEndpoint of it: not host-networked, not finished, with
 /// an IP. Named ports come from its containers' ports (protocol defaults to TCP).
@@ -137,43 +154,67 @@ pub fn pod_endpoint(
     namespace_labels: &BTreeMap<String, String>,
     service_accounts: &[ServiceAccount],
 ) -> Option<Endpoint> {
+    let ns = pod.namespace().unwrap_or_default();
+    let sa = service_account_name(pod);
+    let sa_labels = service_accounts
+        .iter()
+        .find(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.name_any() == sa)
+        .map(|s| s.labels());
+    pod_endpoint_with(pod, namespace_labels, sa_labels, &[])
+}
+
+/// The service account a pod runs as (`default` when unset).
+pub fn service_account_name(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
+/// `pod_endpoint` with the service account's labels looked up already, and addresses the
+/// caller knows before the Pod's status has them (the CNI's, for a pod being added): used
+/// when the Pod lists none.
+pub fn pod_endpoint_with(
+    pod: &Pod,
+    namespace_labels: &BTreeMap<String, String>,
+    sa_labels: Option<&BTreeMap<String, String>>,
+    known_ips: &[IpAddr],
+) -> Option<Endpoint> {
     let spec = pod.spec.as_ref()?;
     if spec.host_network == Some(true) {
         return None;
     }
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    ) {
         return None;
     }
     let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
         .flatten()
         .filter_map(|p| p.ip.parse().ok())
         .collect();
     if ips.is_empty() {
         ips.extend(
             status
-                .pod_ip
-                .as_deref()
+                .and_then(|s| s.pod_ip.as_deref())
                 .and_then(|s| s.parse::<IpAddr>().ok()),
         );
+    }
+    if ips.is_empty() {
+        ips.extend_from_slice(known_ips);
     }
     if ips.is_empty() {
         return None;
     }
     let ns = pod.namespace().unwrap_or_default();
-    let sa_name = spec
-        .service_account_name
-        .clone()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".into());
+    let sa_name = service_account_name(pod);
     let empty = BTreeMap::new();
-    let sa_labels = service_accounts
-        .iter()
-        .find(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.name_any() == sa_name)
-        .map(|s| s.labels())
-        .unwrap_or(&empty);
+    let sa_labels = sa_labels.unwrap_or(&empty);
     let named_ports = spec
         .containers
         .iter()

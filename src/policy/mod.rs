@@ -13,6 +13,7 @@ pub mod diagnostic;
 pub mod endpoint;
 pub mod eval;
 pub mod explain;
+pub mod incremental;
 pub mod k8s;
 pub mod model;
 pub mod ports;

@@ -9,7 +9,7 @@ pub mod read;
 pub mod render;
 pub mod run;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Instant;
 
 pub use run::{NftError, Runner};
@@ -112,6 +112,49 @@ impl Driver {
         }
         self.known = Some(want.clone());
         Ok(outcome)
+    }
+
+    /// `reconcile` for a caller that knows which sets and chains changed since its last
+    /// call (the incremental policy calculation): only those are compared and written, and
+    /// only those are copied into what the driver remembers. Without a known table (start,
+    /// after a failure) this is a full `reconcile`.
+    pub fn reconcile_changed(
+        &mut self,
+        want: &Table,
+        sets: &BTreeSet<String>,
+        chains: &BTreeSet<String>,
+    ) -> Result<Outcome, NftError> {
+        let Some(known) = &mut self.known else {
+            return self.reconcile(want);
+        };
+        let Some(script) = render::changes_of(want, known, sets, chains) else {
+            return Ok(Outcome::InSync);
+        };
+        for name in sets {
+            match want.sets.get(name) {
+                Some(s) => known.sets.insert(name.clone(), s.clone()),
+                None => known.sets.remove(name),
+            };
+        }
+        for name in chains {
+            match want.chains.get(name) {
+                Some(c) => known.chains.insert(name.clone(), c.clone()),
+                None => known.chains.remove(name),
+            };
+        }
+        let started = Instant::now();
+        let result = self.apply("update the table", script);
+        tracing::debug!(
+            table = %want.name,
+            sets = sets.len(),
+            chains = chains.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "nft table changes applied"
+        );
+        if result.is_err() {
+            self.known = None;
+        }
+        result.map(|()| Outcome::Updated)
     }
 
     /// Deletes the table if it exists; true if it did. Nothing else is touched.

@@ -4,6 +4,7 @@
 //! rewritten only when nothing is known (start-up, after drift) or a set or base chain
 //! changed shape (the kernel cannot retype them in place).
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use crate::desired::nft::{Chain, Element, RULE_COMMENT_PREFIX, Set, Table};
@@ -136,6 +137,110 @@ pub fn changes(want: &Table, known: &Table) -> Option<String> {
         let _ = writeln!(s, "delete set {t} {name}");
     }
     Some(s)
+}
+
+/// `changes` limited to the named sets and chains (those a caller knows it changed): the
+/// cost follows the change, not the table. Same statements, same order of kinds.
+pub fn changes_of(
+    want: &Table,
+    known: &Table,
+    sets: &BTreeSet<String>,
+    chains: &BTreeSet<String>,
+) -> Option<String> {
+    let t = format!("{} {}", want.family, want.name);
+    let mut s = String::new();
+    let reshaped_set = sets.iter().any(
+        |n| matches!((want.sets.get(n), known.sets.get(n)), (Some(w), Some(k)) if !w.same_shape(k)),
+    );
+    let reshaped_chain = chains.iter().any(|n| {
+        matches!((want.chains.get(n), known.chains.get(n)), (Some(w), Some(k)) if w.hook != k.hook)
+    });
+    if want.family != known.family || want.name != known.name || reshaped_set || reshaped_chain {
+        return Some(full(want));
+    }
+    for name in sets {
+        if let (Some(set), None) = (want.sets.get(name), known.sets.get(name)) {
+            let flags = if set.flags.is_empty() {
+                String::new()
+            } else {
+                format!(" flags {};", set.flags.join(","))
+            };
+            let _ = writeln!(s, "add set {t} {name} {{ type {};{flags} }}", set.kind);
+        }
+    }
+    for name in sets {
+        if let (Some(set), Some(old)) = (want.sets.get(name), known.sets.get(name)) {
+            let gone: Vec<&Element> = old.elements.difference(&set.elements).collect();
+            if !gone.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "delete element {t} {name} {{ {} }}",
+                    join(gone.into_iter())
+                );
+            }
+        }
+    }
+    for name in sets {
+        let Some(set) = want.sets.get(name) else {
+            continue;
+        };
+        let new: Vec<&Element> = match known.sets.get(name) {
+            Some(old) => set.elements.difference(&old.elements).collect(),
+            None => set.elements.iter().collect(),
+        };
+        if !new.is_empty() {
+            let _ = writeln!(s, "add element {t} {name} {{ {} }}", join(new.into_iter()));
+        }
+    }
+    for name in chains {
+        if let (Some(chain), None) = (want.chains.get(name), known.chains.get(name)) {
+            match &chain.hook {
+                Some(h) => {
+                    let _ = writeln!(
+                        s,
+                        "add chain {t} {name} {{ type {} hook {} priority {}; policy {}; }}",
+                        h.kind, h.hook, h.priority, h.policy
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "add chain {t} {name}");
+                }
+            }
+        }
+    }
+    for name in chains {
+        let Some(chain) = want.chains.get(name) else {
+            continue;
+        };
+        let old_rules = known.chains.get(name).map(|c| c.rules.as_slice());
+        if old_rules == Some(chain.rules.as_slice())
+            || (old_rules.is_none() && chain.rules.is_empty())
+        {
+            continue;
+        }
+        if old_rules.is_some() {
+            let _ = writeln!(s, "flush chain {t} {name}");
+        }
+        for rule in &chain.rules {
+            let _ = writeln!(s, "add rule {t} {name} {}", rule_line(rule));
+        }
+    }
+    let removed: Vec<&String> = chains
+        .iter()
+        .filter(|n| known.chains.contains_key(*n) && !want.chains.contains_key(*n))
+        .collect();
+    for name in &removed {
+        let _ = writeln!(s, "flush chain {t} {name}");
+    }
+    for name in &removed {
+        let _ = writeln!(s, "delete chain {t} {name}");
+    }
+    for name in sets {
+        if known.sets.contains_key(name) && !want.sets.contains_key(name) {
+            let _ = writeln!(s, "delete set {t} {name}");
+        }
+    }
+    (!s.is_empty()).then_some(s)
 }
 
 /// A set that changed type or flags, or a chain that changed hook, in both tables.
