@@ -90,7 +90,10 @@ fn serve(ns: &NetNs, ip: &str, ports: &[u16]) {
         let l = ns.run(move || TcpListener::bind(addr)).unwrap().unwrap();
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
-                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let peer = s
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
                 let _ = s.write_all(format!("{peer}\n").as_bytes());
             }
         });
@@ -176,7 +179,9 @@ fn kube_proxy_iptables(node: &NetNs) {
     );
     iptables(
         node,
-        &format!("-t nat -A POSTROUTING {comment} kubernetes-postrouting-rules -j KUBE-POSTROUTING"),
+        &format!(
+            "-t nat -A POSTROUTING {comment} kubernetes-postrouting-rules -j KUBE-POSTROUTING"
+        ),
     );
     iptables(node, "-t nat -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
     iptables(
@@ -204,9 +209,7 @@ fn kube_proxy_iptables(node: &NetNs) {
         );
         iptables(
             node,
-            &format!(
-                "-t nat -A KUBE-SVC-{name} {comment} prod/db:{name}->{ep} -j KUBE-SEP-{name}"
-            ),
+            &format!("-t nat -A KUBE-SVC-{name} {comment} prod/db:{name}->{ep} -j KUBE-SEP-{name}"),
         );
         iptables(
             node,
@@ -226,7 +229,10 @@ fn kube_proxy_iptables(node: &NetNs) {
         node,
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
     );
-    iptables(node, "-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT");
+    iptables(
+        node,
+        "-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT",
+    );
     iptables(
         node,
         "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -260,22 +266,22 @@ comment \"rules for kube-proxy\"
 map service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; elements = {{ {services} }} }}
 map no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict; }}
 set cluster-ips {{ type ipv4_addr; elements = {{ {http}, {admin} }} }}
-chain mark-for-masquerade {{ meta mark set meta mark | 0x4000 }}
+chain mark-for-masquerade {{ meta mark set meta mark | 0x4000; }}
 chain masquerading {{
   meta mark & 0x4000 == 0 return
   meta mark set meta mark ^ 0x4000
   masquerade fully-random
 }}
-chain services {{ ip daddr . meta l4proto . th dport vmap @service-ips }}
-chain service-endpoints-check {{ ip daddr . meta l4proto . th dport vmap @no-endpoint-services }}
+chain services {{ ip daddr . meta l4proto . th dport vmap @service-ips; }}
+chain service-endpoints-check {{ ip daddr . meta l4proto . th dport vmap @no-endpoint-services; }}
 chain cluster-ips-check {{
   ip daddr @cluster-ips reject
   ip daddr 10.96.0.0/16 drop
 }}
 {chains}
-chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services }}
-chain nat-output {{ type nat hook output priority dstnat; policy accept; jump services }}
-chain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading }}
+chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}
+chain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}
+chain nat-postrouting {{ type nat hook postrouting priority 100; policy accept; jump masquerading; }}
 chain filter-forward {{
   type filter hook forward priority -110; policy accept;
   ct state new jump service-endpoints-check
@@ -354,15 +360,43 @@ fn check(bed: &Bed, proxy: &str) {
     // (who, client, client ip, to, the pod address:port behind it, the peer address db must
     // see when allowed: the client's own, or the node's after kube-proxy's masquerade).
     let cases = [
-        ("web", web, "10.0.0.1", vip(SVC_HTTP), at(SVC_HTTP), "10.0.0.1"),
+        (
+            "web",
+            web,
+            "10.0.0.1",
+            vip(SVC_HTTP),
+            at(SVC_HTTP),
+            "10.0.0.1",
+        ),
         ("tool", tool, "10.0.1.2", vip(SVC_HTTP), at(SVC_HTTP), ""),
         ("web", web, "10.0.0.1", vip(SVC_ADMIN), at(SVC_ADMIN), ""),
-        ("web", web, "10.0.0.1", at(SVC_HTTP), at(SVC_HTTP), "10.0.0.1"),
+        (
+            "web",
+            web,
+            "10.0.0.1",
+            at(SVC_HTTP),
+            at(SVC_HTTP),
+            "10.0.0.1",
+        ),
         ("tool", tool, "10.0.1.2", at(SVC_HTTP), at(SVC_HTTP), ""),
-        ("outside", &bed.outside, OUTSIDE_IP, vip(SVC_HTTP), at(SVC_HTTP), NODE_IP),
+        (
+            "outside",
+            &bed.outside,
+            OUTSIDE_IP,
+            vip(SVC_HTTP),
+            at(SVC_HTTP),
+            NODE_IP,
+        ),
         // Marked for masquerade, so kube-proxy's own FORWARD accepts it (iptables mode):
         // tortie's drop must still win.
-        ("outside", &bed.outside, OUTSIDE_IP, vip(SVC_ADMIN), at(SVC_ADMIN), ""),
+        (
+            "outside",
+            &bed.outside,
+            OUTSIDE_IP,
+            vip(SVC_ADMIN),
+            at(SVC_ADMIN),
+            "",
+        ),
     ];
     let mut diff = Vec::new();
     let (mut allowed, mut denied) = (0, 0);
@@ -416,7 +450,10 @@ fn check(bed: &Bed, proxy: &str) {
         "with kube-proxy in {proxy} mode:\n{}\n\nruleset:\n{ruleset}",
         diff.join("\n")
     );
-    assert!(allowed >= 3 && denied >= 3, "{allowed} allowed, {denied} denied");
+    assert!(
+        allowed >= 3 && denied >= 3,
+        "{allowed} allowed, {denied} denied"
+    );
     // The drops came from the rules named: AKS's for the wireserver, tortie's for policy.
     let forward = bed
         .node
@@ -427,15 +464,32 @@ fn check(bed: &Bed, proxy: &str) {
         .filter(|l| l.contains(WIRESERVER) && l.contains("DROP"))
         .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
-    assert!(wire_drops >= 4, "AKS wireserver rule dropped {wire_drops}:\n{forward}");
+    assert!(
+        wire_drops >= 4,
+        "AKS wireserver rule dropped {wire_drops}:\n{forward}"
+    );
     let db_chain = bed
         .node
-        .exec_ok(&["nft", "list", "chain", "inet", "tortie-policy", "tw-calidb00"])
+        .exec_ok(&[
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "tortie-policy",
+            "tw-calidb00",
+        ])
         .unwrap();
     let policy_drops: u64 = db_chain
         .lines()
         .filter(|l| l.contains("drop"))
-        .filter_map(|l| l.split("counter packets ").nth(1)?.split(' ').next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("counter packets ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     assert!(
         policy_drops >= 3,

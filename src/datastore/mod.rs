@@ -311,7 +311,24 @@ where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    let (store, task, _) = reflect_notify(api, cfg, trim, what);
+    (store, task)
+}
+
+/// `reflect`, plus a counter bumped after every change the store applied (and once per
+/// completed list), for readers that must react to changes rather than poll the store.
+pub fn reflect_notify<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    trim: fn(&mut K),
+    what: &'static str,
+) -> (Store<K>, JoinHandle<()>, status_channel::Receiver<u64>)
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (store, writer) = reflector::store();
+    let (changes_tx, changes) = status_channel::channel(0u64);
     let task = tokio::spawn(async move {
         let stream = watcher::watcher(api, cfg)
             .default_backoff()
@@ -319,10 +336,16 @@ where
             .reflect(writer);
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(watch = what, error = %e, "watch failed; retrying");
+            match ev {
+                Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) => {
+                    changes_tx.send_modify(|g| *g += 1);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(watch = what, error = %e, "watch failed; retrying"),
             }
         }
     });
-    (store, task)
+    (store, task, changes)
 }

@@ -2,9 +2,9 @@
 //! change of the cluster view (and each resync) a snapshot of the policy stores and pods is
 //! compiled to this node's `inet tortie-policy` table and reconciled through the shared nft
 //! driver. Registered with the health registry; failed passes count in
-//! `felix_int_dataplane_failures`. Not yet done: the CNI ADD does not wait for its pod's
-//! chains, and the shared Pod store does not bump the view's change counter, so a new pod
-//! is picked up on the next change of another kind or the next resync.
+//! `felix_int_dataplane_failures`. It wakes on the view's changes and on the shared Pod
+//! store's own counter (pods are not in the view: waking the overlay calculation on every
+//! pod event would be waste). Not yet done: the CNI ADD does not wait for its pod's chains.
 
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ pub fn enabled() -> bool {
 pub fn start(
     view: ClusterView,
     pods: Store<Pod>,
+    mut pod_changes: tokio::sync::watch::Receiver<u64>,
     node: String,
     interval: Duration,
     failures: IntCounter,
@@ -44,6 +45,7 @@ pub fn start(
         loop {
             pulse.busy();
             changes.borrow_and_update();
+            pod_changes.borrow_and_update();
             let objects = view.policy.objects(&pods);
             let plan = policy_plan(&objects, &node, &CompileOptions::default());
             for d in &plan.diagnostics {
@@ -75,6 +77,8 @@ pub fn start(
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
+                // A closed pod counter (its watch ended) leaves the view and the resync.
+                Ok(()) = pod_changes.changed() => {}
                 _ = tokio::time::sleep(interval) => {}
             }
         }

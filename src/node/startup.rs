@@ -131,7 +131,7 @@ pub async fn start(
     };
     let ipam = Arc::new(start_ipam(&client, node, shared).await);
     // One Pod watch for the daemon: the GC and the CNI read the same store.
-    let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
+    let (pods, pods_watch, pod_changes) = crate::ipam::gc::watch_pods_notify(client.clone());
     let mut ipam_jobs = IpamJobs::start(
         metrics,
         ipam.clone(),
@@ -272,6 +272,7 @@ pub async fn start(
         super::policy::start(
             datastore.view.clone(),
             policy_pods,
+            pod_changes,
             node.to_string(),
             resync_interval,
             policy_failures,

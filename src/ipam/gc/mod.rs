@@ -100,7 +100,14 @@ pub struct Cluster {
 /// annotations, phase, addresses) so a large cluster's pods cost little memory. The daemon
 /// opens one and shares it (GC, CNI).
 pub fn watch_pods(client: Client) -> (Store<Pod>, JoinHandle<()>) {
-    reflect(
+    let (store, task, _) = watch_pods_notify(client);
+    (store, task)
+}
+
+/// `watch_pods`, plus a counter bumped on every pod change: the policy driver wakes on it
+/// (a pod's labels or address decide set memberships and dispatch entries).
+pub fn watch_pods_notify(client: Client) -> (Store<Pod>, JoinHandle<()>, watch::Receiver<u64>) {
+    crate::datastore::reflect_notify(
         Api::all(client),
         watcher::Config::default(),
         trim_pod,
