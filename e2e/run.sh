@@ -15,6 +15,12 @@
 #   E2E_INTERNET_IP/_PORT      an agnhost netexec outside the cluster (the "internet"); the
 #                              egress check is skipped without it
 #   E2E_TEST_BIN               upstream e2e.test: runs the pod-networking conformance tests
+#                              and the NetworkPolicy ones (check netpol)
+#   E2E_NETPOL                 netpol check: `subset` (default, a representative few),
+#                              `smoke` (one spec: policy through ClusterIPs, e.g. after a
+#                              kube-proxy mode change) or `full` (every upstream Netpol spec
+#                              this machine can run)
+#   E2E_NETPOL_REPORT          keep e2e.test's log and JUnit report in this folder
 #   E2E_NODE_DELETE_TIMEOUT    seconds to wait for a deleted node's blocks (default 600)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,7 +28,7 @@ repo=$(cd "$here/.." && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 <kubeconfig> [check ...]" >&2; exit 2; }
 export KUBECONFIG=$1
 shift
-all_checks=(install pods internet service second-pool fixed-ip metrics rollout conformance node-delete)
+all_checks=(install pods internet service second-pool fixed-ip metrics rollout conformance netpol node-delete)
 checks=("$@")
 [ ${#checks[@]} -gt 0 ] || checks=("${all_checks[@]}")
 
@@ -284,6 +290,66 @@ check_conformance() {
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || fail "e2e.test exited $rc (report in $report)" || return 1
   rm -rf "$report"
+}
+
+# Upstream NetworkPolicy conformance (test/e2e/network/netpol): each spec makes namespaces
+# x, y, z with pods a, b, c serving TCP/UDP 80 and 81 behind ClusterIPs, applies policies and
+# probes all 81 pairs through the Services with `agnhost connect` over exec.
+# The CI subset: ingress default-deny, pod AND namespace peers, egress named port, ipBlock
+# with except, UDP ports, and a pod label update moving a pod into a peer.
+netpol_subset=(
+  "NetworkPolicy between server and client should support a 'default-deny-ingress' policy"
+  "NetworkPolicy between server and client should enforce policy based on PodSelector and NamespaceSelector"
+  "NetworkPolicy between server and client should allow egress access on one named port"
+  "NetworkPolicy between server and client should enforce except clause while egress access to server in CIDR block"
+  "NetworkPolicy between server and client should allow ingress access from updated pod"
+  "NetworkPolicy between server and client using UDP should enforce policy based on Ports"
+)
+# The full set, minus what this machine cannot run: the SCTP context needs SCTP in the kernel
+# (this VM's kernel has CONFIG_IP_SCTP unset). The two TCP-only specs about SCTP policies run.
+netpol_full_skip='NetworkPolicy between server and client using SCTP'
+
+# Policy is enforced by default (the manifest's ConfigMap sets TORTIE_POLICY=true); a
+# DaemonSet env that turned it off is undone, and the rollout awaited.
+policy_on() {
+  local cur
+  cur=$(k -n kube-system get ds/tortie-node -o jsonpath='{.spec.template.spec.containers[0].env[?(@.name=="TORTIE_POLICY")].value}')
+  case $cur in ''|1|true|True|TRUE) return 0 ;; esac
+  log "policy enforcement was turned off on ds/tortie-node (TORTIE_POLICY=$cur); turning it on"
+  k -n kube-system set env ds/tortie-node TORTIE_POLICY=true >/dev/null
+  k -n kube-system rollout status ds/tortie-node --timeout=300s >/dev/null || fail "rollout with TORTIE_POLICY=true did not finish"
+}
+
+check_netpol() {
+  if [ -z "${E2E_TEST_BIN:-}" ]; then
+    log "SKIP netpol: E2E_TEST_BIN not set"
+    return 77
+  fi
+  policy_on || return 1
+  local focus skip='^$' mode=${E2E_NETPOL:-subset}
+  case $mode in
+    subset)
+      # The names hold no regular-expression characters. `.*`: the UDP context's full name
+      # reads "Netpol [LinuxOnly] NetworkPolicy between ...".
+      focus="Netpol .*($(IFS='|'; echo "${netpol_subset[*]}"))" ;;
+    smoke) focus="Netpol .*${netpol_subset[1]}" ;;
+    full) focus='Netpol|\[Feature:NetworkPolicy\]'; skip=$netpol_full_skip ;;
+    *) fail "E2E_NETPOL=$mode: want subset, smoke or full" || return 1 ;;
+  esac
+  local report t0=$SECONDS
+  report=${E2E_NETPOL_REPORT:-$(mktemp -d)}
+  mkdir -p "$report"
+  log "netpol ($mode, kube-proxy ${E2E_PROXY_MODE:-mode unknown}): focus $focus"
+  local rc=0
+  "$E2E_TEST_BIN" --kubeconfig="$KUBECONFIG" --provider=local \
+    --ginkgo.focus="$focus" --ginkgo.skip="$skip" \
+    --ginkgo.no-color --ginkgo.timeout="${E2E_NETPOL_TIMEOUT:-3h}" --report-dir="$report" \
+    --e2e-output-dir="$report" --allowed-not-ready-nodes=0 --minStartupPods=0 \
+    --disable-log-dump >"$report/e2e.log" 2>&1 || rc=$?
+  tail -n "${E2E_TEST_LOG_LINES:-40}" "$report/e2e.log" >&2
+  log "FIGURE netpol $mode: $(grep -Eo 'Ran [0-9]+ of [0-9]+ Specs in [0-9.]+ seconds' "$report/e2e.log" | tail -1); $(grep -E '^(SUCCESS|FAIL)! -- ' "$report/e2e.log" | tail -1) ($((SECONDS - t0)) s)"
+  [ "$rc" = 0 ] || fail "e2e.test (netpol) exited $rc (log and report in $report)" || return 1
+  [ -n "${E2E_NETPOL_REPORT:-}" ] || rm -rf "$report"
 }
 
 block_count() { k get ipamblocks.crd.projectcalico.org -o json | jq --arg h "host:$1" '[.items[] | select(.spec.affinity == $h)] | length'; }
