@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::datastore::pods::CachedPod;
 use kube::runtime::reflector::Store;
 use prometheus::IntCounter;
 use tokio::task::AbortHandle;
@@ -26,7 +26,7 @@ pub fn enabled() -> bool {
 
 pub fn start(
     view: ClusterView,
-    pods: Store<Pod>,
+    pods: Store<CachedPod>,
     node: String,
     interval: Duration,
     failures: IntCounter,

@@ -132,6 +132,13 @@ pub async fn start(
     let ipam = Arc::new(start_ipam(&client, node, shared).await);
     // One Pod watch for the daemon: the GC and the CNI read the same store.
     let (pods, pods_watch) = crate::ipam::gc::watch_pods(client.clone());
+    // Its initial list (the biggest of all) may still be under way when start-up ends.
+    let listed = pods.clone();
+    tokio::spawn(async move {
+        if listed.wait_until_ready().await.is_ok() {
+            super::memory::trim();
+        }
+    });
     let mut ipam_jobs = IpamJobs::start(
         metrics,
         ipam.clone(),

@@ -209,7 +209,7 @@ pub fn borrowed(snap: &Snapshot) -> Vec<Borrowed> {
                         .get(ATTR_TYPE)
                         .cloned()
                         .unwrap_or_else(|| "pod".to_string()),
-                    allocated_to: allocated_to(&attr.secondary, handle),
+                    allocated_to: allocated_to(&attr.secondary.to_map(), handle),
                 });
             }
         }

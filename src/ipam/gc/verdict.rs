@@ -67,7 +67,7 @@ pub fn allocations(view: &View) -> Vec<Allocation> {
                 block: b.cidr,
                 block_host: b.host().map(str::to_string),
                 handle: handle.clone(),
-                attrs: attr.secondary.clone(),
+                attrs: attr.secondary.to_map(),
             });
         }
     }
