@@ -142,7 +142,7 @@ mod tests {
         };
         let before = threads_named("cni-netlink");
         assert!(before >= 1, "the connection runs on its own thread");
-        let mut links = nl.handle.link().get().match_name("lo".into()).execute();
+        let mut links = nl.handle.link().get().match_name("lo").execute();
         use futures::TryStreamExt;
         let lo = links.try_next().await.expect("netlink answers");
         assert!(lo.is_some(), "lo is listed through the thread's socket");

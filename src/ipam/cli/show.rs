@@ -287,7 +287,7 @@ pub fn ip_info(snap: &Snapshot, ip: IpAddr) -> IpInfo {
             namespace: attrs.get(ATTR_NAMESPACE).cloned(),
             pod: attrs.get(ATTR_POD).cloned(),
             node: attrs.get(ATTR_NODE).cloned(),
-            attributes: attrs.clone(),
+            attributes: attrs.to_map(),
         };
     }
     match pool {
