@@ -401,7 +401,11 @@ async fn main() -> Result<()> {
             .collect();
         println!(
             "{} {label}: RSS {:.1} MiB ({:.1} MB) <= 50 MB ({target_mib:.1} MiB){}",
-            if f.rss_mib <= target_mib { "PASS" } else { "MISS" },
+            if f.rss_mib <= target_mib {
+                "PASS"
+            } else {
+                "MISS"
+            },
             f.rss_mib,
             f.rss_mib * 1024.0 * 1024.0 / 1e6,
             if others.is_empty() {

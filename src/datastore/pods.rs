@@ -102,16 +102,16 @@ impl CachedPod {
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
         let (metadata, labels, annotations) = slim_meta(WireMeta {
-                name: m.name.clone(),
-                namespace: m.namespace.clone(),
-                uid: m.uid.clone(),
-                resource_version: m.resource_version.clone(),
-                labels: m.labels.clone(),
-                annotations: m.annotations.clone(),
-                creation_timestamp: m.creation_timestamp.clone(),
-                deletion_timestamp: m.deletion_timestamp.clone(),
-                deletion_grace_period_seconds: m.deletion_grace_period_seconds,
-            });
+            name: m.name.clone(),
+            namespace: m.namespace.clone(),
+            uid: m.uid.clone(),
+            resource_version: m.resource_version.clone(),
+            labels: m.labels.clone(),
+            annotations: m.annotations.clone(),
+            creation_timestamp: m.creation_timestamp.clone(),
+            deletion_timestamp: m.deletion_timestamp.clone(),
+            deletion_grace_period_seconds: m.deletion_grace_period_seconds,
+        });
         CachedPod {
             metadata,
             labels,
@@ -363,7 +363,10 @@ mod tests {
         assert_eq!(cached.service_account_name.as_deref(), Some("web-sa"));
         assert_eq!(cached.containers.len(), 1);
         let port = &cached.containers[0].ports.as_ref().unwrap()[0];
-        assert_eq!((port.name.as_deref(), port.container_port), (Some("http"), 8080));
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("http"), 8080)
+        );
         assert_eq!(cached.phase.as_deref(), Some("Running"));
         assert_eq!(cached.pod_ip.as_deref(), Some("10.244.0.5"));
         assert_eq!(cached.pod_ips, ["10.244.0.5"]);
@@ -373,19 +376,30 @@ mod tests {
     fn the_pod_it_gives_back_is_the_pod_trimmed_to_the_kept_fields() {
         let full: Pod = serde_json::from_value(full_pod()).unwrap();
         let cached: CachedPod = serde_json::from_value(full_pod()).unwrap();
-        assert_eq!(CachedPod::from_pod(&full), cached, "both ways keep the same fields");
+        assert_eq!(
+            CachedPod::from_pod(&full),
+            cached,
+            "both ways keep the same fields"
+        );
         let pod = cached.to_pod();
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("n1"));
         assert_eq!(spec.service_account_name.as_deref(), Some("web-sa"));
         assert_eq!(spec.containers[0].name, "app");
-        assert_eq!(spec.containers[0].ports, full.spec.as_ref().unwrap().containers[0].ports);
+        assert_eq!(
+            spec.containers[0].ports,
+            full.spec.as_ref().unwrap().containers[0].ports
+        );
         assert!(spec.containers[0].image.is_none() && spec.volumes.is_none());
         let status = pod.status.as_ref().unwrap();
         assert_eq!(status.pod_ips, full.status.as_ref().unwrap().pod_ips);
         assert!(status.host_ip.is_none());
         assert_eq!(pod.metadata.labels, full.metadata.labels);
-        assert_eq!(CachedPod::from_pod(&pod), cached, "a round trip loses nothing kept");
+        assert_eq!(
+            CachedPod::from_pod(&pod),
+            cached,
+            "a round trip loses nothing kept"
+        );
     }
 
     #[test]

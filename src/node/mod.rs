@@ -6,7 +6,6 @@ mod dataplane;
 pub mod identity;
 mod ipam_jobs;
 mod listen;
-mod memory;
 mod overlay;
 mod overlay_metrics;
 mod policy;
@@ -78,7 +77,7 @@ pub fn main(args: NodeArgs) -> ExitCode {
 
 fn run_to_completion(cfg: NodeConfig) -> Result<(), NodeError> {
     // The daemon waits on the network, not on the CPU: a few workers suffice on big hosts.
-    memory::tune_allocator();
+    crate::memory::tune_allocator();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -145,8 +144,8 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         Ok(Some(running)) => {
             tracing::info!("tortie node ready");
             // The initial lists are parsed and cached: what they needed on the way is free.
-            memory::trim();
-            tokio::spawn(memory::trim_periodically(trim_stopped));
+            crate::memory::trim();
+            tokio::spawn(crate::memory::trim_periodically(trim_stopped));
             let outcome = main_loop(&mut signals, &mut servers).await;
             readiness_health.stopping();
             let _ = stop.send(true);

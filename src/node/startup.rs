@@ -136,7 +136,7 @@ pub async fn start(
     let listed = pods.clone();
     tokio::spawn(async move {
         if listed.wait_until_ready().await.is_ok() {
-            super::memory::trim();
+            crate::memory::trim();
         }
     });
     let mut ipam_jobs = IpamJobs::start(

@@ -24,8 +24,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use self::verdict::{
-    Allocation, Holder, Judged, LeakTracker, PodFacts,
-    Verdict, allocations, holder_of, ownerless, pod_facts, verdict,
+    Allocation, Holder, Judged, LeakTracker, PodFacts, Verdict, allocations, cached_pod_facts,
+    holder_of, ownerless, pod_facts, verdict,
 };
 use super::Ipam;
 use super::IpamError;
@@ -123,7 +123,6 @@ pub fn watch_nodes(client: Client) -> (Store<Node>, JoinHandle<()>) {
     )
 }
 
-
 /// Leadership as the GC must read it: an election whose task ended (crashed, aborted) leaves
 /// its last value behind, so a closed channel counts as not leading.
 fn leading(rx: &watch::Receiver<bool>) -> bool {
@@ -202,6 +201,9 @@ pub async fn run(
                 _ = is_leader.wait_for(|l| !*l) => Wake::Lost,
                 () = gc.pass() => Wake::Tick,
             };
+            // A pass judges every allocation against every pod: megabytes that are free
+            // again now, given back rather than left in the heap until the next trim.
+            crate::memory::trim();
             match ended {
                 Wake::Shutdown => return,
                 Wake::Lost => break,
@@ -307,7 +309,7 @@ impl LeaderGc {
                     |ns, name| {
                         self.pods
                             .get(&ObjectRef::new(name).within(ns))
-                            .map(|p| pod_facts(&p.to_pod()))
+                            .map(|p| cached_pod_facts(&p))
                     },
                     |n| self.node_cached(n),
                 );
@@ -386,7 +388,7 @@ impl LeaderGc {
             .pods
             .state()
             .iter()
-            .flat_map(|p| pod_facts(&p.to_pod()).ips)
+            .flat_map(|p| cached_pod_facts(p).ips)
             .collect();
         let seen: Vec<((ipnet::IpNet, IpAddr), String)> = self.ipam.with_view(|v| {
             ownerless(v)

@@ -241,7 +241,11 @@ impl Ipam {
         let handles: Api<IPAMHandle> = Api::all(client.clone());
         let (deferred, deferred_rx) = tokio::sync::mpsc::unbounded_channel();
         // Ends when the Ipam (the only sender) is dropped and the queue is drained.
-        tokio::spawn(drain_deferred(deferred_rx, handles.clone(), writers.clone()));
+        tokio::spawn(drain_deferred(
+            deferred_rx,
+            handles.clone(),
+            writers.clone(),
+        ));
         let ipam = Ipam {
             node: node.to_string(),
             writers,
@@ -632,10 +636,9 @@ impl Ipam {
                 .unwrap_or_default()
         });
         if defer && !known.is_empty() {
-            let written = futures::future::join_all(
-                known.iter().map(|c| self.writers.release(*c, handle)),
-            )
-            .await;
+            let written =
+                futures::future::join_all(known.iter().map(|c| self.writers.release(*c, handle)))
+                    .await;
             let mut released = Vec::new();
             for r in written {
                 released.extend(r?);

@@ -4,7 +4,8 @@
 //! pages in the middle of a heap are only returned by `malloc_trim`. The initial lists of a
 //! big cluster are such a burst (megabytes of JSON and objects that die once the caches are
 //! built), so the daemon sets fixed limits before its threads start and trims once the
-//! caches are filled, then now and then.
+//! caches are filled, after each leader GC pass (which judges every allocation), and now
+//! and then.
 
 use std::time::Duration;
 
