@@ -632,7 +632,7 @@ impl Ipam {
         let known: Vec<IpNet> = self.with_view(|v| {
             v.handles
                 .get(handle)
-                .map(|c| c.iter().copied().collect())
+                .map(|c| c.to_vec())
                 .unwrap_or_default()
         });
         if defer && !known.is_empty() {
