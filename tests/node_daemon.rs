@@ -273,6 +273,38 @@ async fn node_becomes_ready_after_sync_and_exits_zero_on_sigterm() {
     }
     let scraped_rss = m.value("process_resident_memory_bytes");
 
+    // The host MTU follows a NIC change through link events (no timer): a NIC-named link
+    // appears at 1500, then drops to 1400; new pods would get the new value at once.
+    for cmd in [
+        "ip link add eth9 mtu 1500 type veth peer name eth9p mtu 1500",
+        "ip link set eth9p up",
+        "ip link set eth9 up",
+    ] {
+        host.ns
+            .exec_ok(&cmd.split(' ').collect::<Vec<_>>())
+            .expect(cmd);
+    }
+    let host_mtu_becomes = |want: f64| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if daemon.metrics().value("tortie_host_mtu_bytes") == want {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "host MTU metric not {want} after 3 s: {}",
+            daemon.metrics().value("tortie_host_mtu_bytes")
+        );
+    };
+    let took = host_mtu_becomes(1500.0);
+    host.ns
+        .exec_ok(&["ip", "link", "set", "eth9", "mtu", "1400"])
+        .expect("set mtu");
+    let took2 = host_mtu_becomes(1400.0);
+    eprintln!("host MTU change seen in {took:?} (new NIC) and {took2:?} (MTU lowered)");
+    assert_eq!(daemon.metrics().value("tortie_pod_mtu_bytes"), 1400.0);
+
     // Idle footprint once connected, after start-up allocations have settled.
     std::thread::sleep(Duration::from_secs(2));
     let rss = daemon.resident_bytes();

@@ -234,6 +234,24 @@ async fn one_watch_per_kind_and_every_loop_fault_shows_on_health_by_name() -> an
         "the resumed pass recreated the device"
     );
 
+    // A stalled IPAM block writer (as if stuck in one API write): readiness names the
+    // block; the ADD queued behind it completes once the writer moves again.
+    fault(faults.path(), "ipam/writer", Some("stall"));
+    support::pods::create_pod_on(&cp.client(), "default", "hp", "node-h", &[]).await?;
+    let pod_ns = support::NetNs::new("hl-p")?;
+    let add = {
+        let (dir, netns) = (d.dir.clone(), pod_ns.path());
+        tokio::spawn(async move { support::cni::cnitool_add_v4(&dir, "hp", &netns).await })
+    };
+    wait_health(&d, "/readiness", NOTICE, |c, b| {
+        c == 503 && b.contains("loop ipam/writer/10.244.") && b.contains("stalled")
+    })
+    .await;
+    fault(faults.path(), "ipam/writer", None);
+    let ip = add.await??;
+    anyhow::ensure!(ip.starts_with("10.244."), "pod address {ip}");
+    wait_health(&d, "/readiness", NOTICE, |c, _| c == 200).await;
+
     // A watch that cannot list (its CRD deleted) past the grace time; restored, green again.
     // IPReservation is a kind only the IPAM view watches: its failure reaches readiness
     // (named, after the grace time) and `tortie_datastore_synced` (at once) like the

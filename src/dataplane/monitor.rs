@@ -44,8 +44,17 @@ const GROUPS: [MulticastGroup; 4] = [
 impl Monitor {
     /// Watches the caller's own namespace.
     pub fn new() -> Result<Monitor, DataplaneError> {
+        Self::with_groups(&GROUPS)
+    }
+
+    /// Watches only links in the caller's own namespace (the host MTU follows NIC changes).
+    pub fn links() -> Result<Monitor, DataplaneError> {
+        Self::with_groups(&[MulticastGroup::Link])
+    }
+
+    fn with_groups(groups: &[MulticastGroup]) -> Result<Monitor, DataplaneError> {
         let (conn, _, messages) =
-            rtnetlink::new_multicast_connection(&GROUPS).map_err(|source| {
+            rtnetlink::new_multicast_connection(groups).map_err(|source| {
                 DataplaneError::Netns {
                     path: PathBuf::from("/proc/self/ns/net"),
                     action: "open rtnetlink monitor socket",

@@ -29,19 +29,35 @@ pub struct Drivers {
     pub nat_outcome: FirstOutcome,
 }
 
+/// What the calculation wants of the kernel: the overlay's routes and devices, and NAT.
+pub struct Wanted {
+    pub dataplane: watch::Receiver<Arc<DesiredDataplane>>,
+    pub nat: watch::Receiver<NatModel>,
+}
+
+/// The overlay driver's word back to the calculation: the kernel lacks IPIP, recompute.
+pub struct IpipFeedback {
+    pub missing: Arc<AtomicBool>,
+    pub recheck: Arc<Notify>,
+}
+
 impl Drivers {
-    // Start-up wiring: each argument is a distinct handle the daemon already holds.
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         kernel: Kernel,
-        desired: watch::Receiver<Arc<DesiredDataplane>>,
-        nat: watch::Receiver<NatModel>,
+        wanted: Wanted,
         interval: Duration,
         metrics: OverlayMetrics,
-        ipip_missing: Arc<AtomicBool>,
-        recheck: Arc<Notify>,
+        feedback: IpipFeedback,
         health: &Registry,
     ) -> Drivers {
+        let Wanted {
+            dataplane: desired,
+            nat,
+        } = wanted;
+        let IpipFeedback {
+            missing: ipip_missing,
+            recheck,
+        } = feedback;
         let monitor = match Monitor::new() {
             Ok(m) => Some(m),
             Err(e) => {

@@ -25,20 +25,33 @@ pub struct IpamJobs {
     tasks: Vec<AbortHandle>,
 }
 
+/// What every IPAM job shares: the API, the cluster's nodes, leadership, shutdown and the
+/// health registry the jobs report to.
+#[derive(Clone)]
+pub struct JobContext {
+    pub client: Client,
+    pub nodes: Store<Node>,
+    pub is_leader: watch::Receiver<bool>,
+    pub stopped: watch::Receiver<bool>,
+    pub health: Registry,
+}
+
 impl IpamJobs {
-    // Start-up wiring: each argument is a distinct handle the daemon already holds.
-    #[allow(clippy::too_many_arguments)]
+    /// `grace`: how long a leaked address or an empty block is left alone.
     pub fn start(
+        ctx: &JobContext,
         metrics: &Metrics,
         ipam: Arc<Ipam>,
-        client: Client,
-        nodes: Store<Node>,
-        is_leader: watch::Receiver<bool>,
         grace: Duration,
-        stopped: watch::Receiver<bool>,
-        health: &Registry,
         (pods, pods_watch): (Store<CachedPod>, tokio::task::JoinHandle<()>),
     ) -> Result<IpamJobs, MetricsError> {
+        let JobContext {
+            client,
+            nodes,
+            is_leader,
+            stopped,
+            health,
+        } = ctx.clone();
         let status = GcStatus::default();
         crate::ipam::metrics::register(
             metrics,
@@ -108,24 +121,14 @@ impl IpamJobs {
     }
 
     /// The leader's default pool (`CALICO_IPV4POOL_CIDR`), created when no IPPool exists.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_default_pool(
-        &mut self,
-        client: Client,
-        pool: DefaultPool,
-        node: &str,
-        nodes: Store<Node>,
-        is_leader: watch::Receiver<bool>,
-        stopped: watch::Receiver<bool>,
-        health: &Registry,
-    ) {
+    pub fn start_default_pool(&mut self, ctx: &JobContext, pool: DefaultPool, node: &str) {
         let task = tokio::spawn(default_pool::run(
-            client,
+            ctx.client.clone(),
             pool,
             node.to_string(),
-            nodes,
-            is_leader,
-            stopped,
+            ctx.nodes.clone(),
+            ctx.is_leader.clone(),
+            ctx.stopped.clone(),
         ));
         let once = Expect {
             stall_after: None,
@@ -133,7 +136,7 @@ impl IpamJobs {
             ..Expect::default()
         };
         self.tasks
-            .push(health.supervise("leader/default-pool", once, task));
+            .push(ctx.health.supervise("leader/default-pool", once, task));
     }
 
     pub fn stop(&self) {

@@ -9,14 +9,15 @@ use std::time::Duration;
 use kube::Client;
 use tokio::sync::watch;
 
-use super::dataplane::{Drivers, FirstOutcome};
-use super::ipam_jobs::IpamJobs;
+use super::dataplane::{Drivers, FirstOutcome, IpipFeedback, Wanted};
+use super::ipam_jobs::{IpamJobs, JobContext};
 use super::overlay::Overlay;
 use super::overlay_metrics::OverlayMetrics;
 use super::tunnel::Publisher;
 use super::{NodeError, identity};
 use crate::cni::service::{self, CniService};
 use crate::config::NodeConfig;
+use crate::dataplane::monitor::Monitor;
 use crate::dataplane::{Kernel, mtu};
 use crate::datastore::lease::{Election, LeaderElector, LeaseConfig};
 use crate::datastore::{self, Datastore, DatastoreStatus};
@@ -59,7 +60,7 @@ pub struct Running {
     pub policy: Option<tokio::task::AbortHandle>,
     pub ipam_jobs: IpamJobs,
     /// FelixConfiguration follower and the live values derived from it.
-    pub settings: Vec<tokio::task::JoinHandle<()>>,
+    pub settings: Vec<tokio::task::AbortHandle>,
 }
 
 impl Running {
@@ -73,7 +74,7 @@ impl Running {
         self.ipam_jobs.stop();
         self.settings
             .iter()
-            .for_each(tokio::task::JoinHandle::abort);
+            .for_each(tokio::task::AbortHandle::abort);
         self.cni.task.abort();
         self.datastore.stop().await;
         self.election.stopped().await;
@@ -139,28 +140,23 @@ pub async fn start(
             crate::memory::trim();
         }
     });
+    let jobs = JobContext {
+        client: client.clone(),
+        nodes: datastore.view.nodes.clone(),
+        is_leader: election.is_leader.clone(),
+        stopped: stopped.clone(),
+        health: ready.health.clone(),
+    };
     let mut ipam_jobs = IpamJobs::start(
+        &jobs,
         metrics,
         ipam.clone(),
-        client.clone(),
-        datastore.view.nodes.clone(),
-        election.is_leader.clone(),
         cfg.ipam_gc_grace,
-        stopped.clone(),
-        &ready.health,
         (pods.clone(), pods_watch),
     )?;
     watch_ipam_health(&ready.health, ipam.clone());
     if let Some(pool) = cfg.default_pool.clone() {
-        ipam_jobs.start_default_pool(
-            client.clone(),
-            pool,
-            node,
-            datastore.view.nodes.clone(),
-            election.is_leader.clone(),
-            stopped.clone(),
-            &ready.health,
-        );
+        ipam_jobs.start_default_pool(&jobs, pool, node);
     }
     ipam.supervise(&ready.health);
     // From here `tortie_datastore_synced` also covers the IPAM view's watches.
@@ -250,12 +246,16 @@ pub async fn start(
     let policy_failures = overlay_metrics.failures.clone();
     let drivers = Drivers::start(
         kernel,
-        dataplane_rx,
-        nat_rx,
+        Wanted {
+            dataplane: dataplane_rx,
+            nat: nat_rx,
+        },
         resync_interval,
         overlay_metrics,
-        overlay.ipip_missing.clone(),
-        overlay.recheck.clone(),
+        IpipFeedback {
+            missing: overlay.ipip_missing.clone(),
+            recheck: overlay.recheck.clone(),
+        },
         &ready.health,
     );
     // The calculation is vital: if it is stuck nothing else converges, so kubelet must
@@ -299,15 +299,35 @@ pub async fn start(
         drivers,
         policy,
         ipam_jobs,
-        settings: vec![
-            follow_task,
-            log_task,
-            listen_task,
-            host_mtu_task,
-            live_task,
-            mtu_metrics_task,
-        ],
+        settings: supervise_settings(
+            &ready.health,
+            vec![
+                ("settings/felixconfiguration", follow_task),
+                ("settings/log-filter", log_task),
+                ("settings/listeners", listen_task),
+                ("settings/host-mtu", host_mtu_task),
+                ("settings/live", live_task),
+                ("settings/mtu-metrics", mtu_metrics_task),
+            ],
+        ),
     })
+}
+
+/// The settings followers wait on their inputs with no bound on the work, so only their end
+/// (a return or a panic) is news: it revokes readiness by name, since the node would go on
+/// with stale settings.
+fn supervise_settings(
+    health: &Registry,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+) -> Vec<tokio::task::AbortHandle> {
+    let expect = Expect {
+        stall_after: None,
+        ..Expect::default()
+    };
+    tasks
+        .into_iter()
+        .map(|(name, task)| health.supervise(name, expect, task))
+        .collect()
 }
 
 /// The IPAM view's watches on the health registry: a kind that keeps failing past the grace
@@ -316,13 +336,21 @@ fn watch_ipam_health(health: &Registry, ipam: Arc<Ipam>) {
     health.probe("ipam/watches", grace(), move || ipam.watch_failures());
 }
 
-/// How often the host MTU is measured again (a NIC's MTU can change under a running node).
-const HOST_MTU_RECHECK: Duration = Duration::from_secs(10);
-
-/// Keeps `tx` at the detected host MTU, so new pods follow a host MTU change.
+/// Keeps `tx` at the detected host MTU, so new pods follow a host MTU change: measured
+/// again when the kernel reports a link change (a burst of pod veths costs one measurement
+/// per debounce window), never on a timer.
 async fn follow_host_mtu(kernel: Kernel, tx: watch::Sender<u32>) {
-    loop {
-        tokio::time::sleep(HOST_MTU_RECHECK).await;
+    const DEBOUNCE: Duration = Duration::from_millis(100);
+    let mut monitor = match Monitor::links() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch links; the host MTU stays as detected at start");
+            return;
+        }
+    };
+    while monitor.next().await.is_some() {
+        // Coalesce the rest of a burst before measuring.
+        while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, monitor.next()).await {}
         match mtu::host_mtu(&kernel.handle).await {
             Ok(m) => {
                 tx.send_if_modified(|cur| {

@@ -73,8 +73,13 @@ pub struct Writers {
     senders: Mutex<HashMap<IpNet, mpsc::UnboundedSender<Op>>>,
     /// Set once the daemon supervises the writers; until then their tasks wait here.
     health: std::sync::OnceLock<crate::health::Registry>,
-    unsupervised: Mutex<Vec<(IpNet, tokio::task::JoinHandle<()>)>>,
+    unsupervised: Mutex<Vec<Unsupervised>>,
 }
+
+/// A writer started before the health registry was handed over, and its pulse cell.
+type Unsupervised = (IpNet, tokio::task::JoinHandle<()>, PulseCell);
+/// Filled when the writer is put on the health registry; until then it reports nothing.
+type PulseCell = Arc<std::sync::OnceLock<crate::health::Pulse>>;
 
 impl Writers {
     pub fn new(api: Api<IPAMBlock>, view: Arc<RwLock<View>>, stats: Arc<WriteStats>) -> Writers {
@@ -94,25 +99,29 @@ impl Writers {
         let _ = self.health.set(health.clone());
         let waiting =
             std::mem::take(&mut *self.unsupervised.lock().unwrap_or_else(|p| p.into_inner()));
-        for (cidr, task) in waiting {
-            self.hand_over(cidr, task);
+        for (cidr, task, pulse) in waiting {
+            self.hand_over(cidr, task, pulse);
         }
     }
 
-    fn hand_over(&self, cidr: IpNet, task: tokio::task::JoinHandle<()>) {
+    /// A writer stuck in one write (an API server that accepts the connection and never
+    /// answers) revokes readiness after the grace time: this node cannot hand out addresses.
+    fn hand_over(&self, cidr: IpNet, task: tokio::task::JoinHandle<()>, cell: PulseCell) {
         match self.health.get() {
             Some(h) => {
                 let expect = crate::health::Expect {
-                    stall_after: None,
+                    stall_after: Some(crate::health::grace()),
                     ..crate::health::Expect::default()
                 };
-                h.supervise(format!("ipam/writer/{cidr}"), expect, task);
+                let name = format!("ipam/writer/{cidr}");
+                let _ = cell.set(h.register(name.clone(), expect));
+                h.supervise(name, expect, task);
             }
             None => self
                 .unsupervised
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((cidr, task)),
+                .push((cidr, task, cell)),
         }
     }
 
@@ -123,22 +132,24 @@ impl Writers {
         let mut spawned = None;
         let tx = senders.entry(cidr).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
+            let pulse = PulseCell::default();
             let w = Writer {
                 cidr,
                 api: self.api.clone(),
                 view: self.view.clone(),
                 stats: self.stats.clone(),
                 current: None,
+                pulse: pulse.clone(),
             };
-            spawned = Some(tokio::spawn(w.run(rx)));
+            spawned = Some((tokio::spawn(w.run(rx)), pulse));
             tx
         });
         // The writer only stops when the runtime does; a failed send drops the reply
         // channel, which the caller sees as an error.
         let _ = tx.send(op);
         drop(senders);
-        if let Some(task) = spawned {
-            self.hand_over(cidr, task);
+        if let Some((task, pulse)) = spawned {
+            self.hand_over(cidr, task, pulse);
         }
     }
 
@@ -224,6 +235,7 @@ struct Writer {
     /// The block as our last successful write left it; newer than the watch until the
     /// watch catches up.
     current: Option<CachedBlock>,
+    pulse: PulseCell,
 }
 
 impl Writer {
@@ -236,9 +248,16 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            if let Some(p) = self.pulse.get() {
+                p.busy();
+            }
+            crate::health::faults::check("ipam/writer").await;
             let outcomes = self.commit(&batch).await;
             for (op, outcome) in batch.into_iter().zip(outcomes) {
                 reply(op, outcome);
+            }
+            if let Some(p) = self.pulse.get() {
+                p.idle();
             }
         }
     }
