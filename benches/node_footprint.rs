@@ -33,6 +33,7 @@ use tortie::api::{AllocationAttribute, IPAMBlock, IPAMBlockSpec, IPPool, IPPoolS
 use tortie::ipam::cidr::block_name;
 
 const IN_FLIGHT: usize = 32;
+const RSS_TARGET_BYTES: f64 = 50e6;
 const LOCAL: &str = "fp-local";
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -389,6 +390,30 @@ async fn main() -> Result<()> {
             bin.display()
         );
         rows.insert(label.clone(), f);
+    }
+    // The target: RSS <= 50 MB (decimal megabytes, the stricter reading).
+    let target_mib = RSS_TARGET_BYTES / (1024.0 * 1024.0);
+    for (label, f) in &rows {
+        let others: Vec<String> = rows
+            .iter()
+            .filter(|(l, _)| *l != label)
+            .map(|(l, o)| format!("{:.2}x {l}'s {:.1} MiB", f.rss_mib / o.rss_mib, o.rss_mib))
+            .collect();
+        println!(
+            "{} {label}: RSS {:.1} MiB ({:.1} MB) <= 50 MB ({target_mib:.1} MiB){}",
+            if f.rss_mib <= target_mib {
+                "PASS"
+            } else {
+                "MISS"
+            },
+            f.rss_mib,
+            f.rss_mib * 1024.0 * 1024.0 / 1e6,
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", others.join(", "))
+            }
+        );
     }
     Ok(())
 }

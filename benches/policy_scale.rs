@@ -178,7 +178,9 @@ fn replace_pod(snap: &mut PolicySnapshot, ns: usize, j: usize, app: usize, nodes
         if p.metadata.namespace.as_deref() == Some(name.0.as_str())
             && p.metadata.name.as_deref() == Some(name.1.as_str())
         {
-            *p = Arc::new(pod(ns, j, app, nodes));
+            *p = Arc::new(tortie::datastore::pods::CachedPod::from_pod(&pod(
+                ns, j, app, nodes,
+            )));
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod felix_config;
 pub mod health;
 pub mod http;
 pub mod ipam;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod policy;

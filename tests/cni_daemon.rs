@@ -319,7 +319,19 @@ async fn cnitool_add_plumbs_pods_that_talk_and_del_leaves_nothing() -> anyhow::R
     let host_routes = h.node.exec_ok(&["ip", "route", "show", "proto", "80"])?;
     assert!(host_routes.trim().is_empty(), "{host_routes}");
     assert!(allocations(&client).await?.is_empty());
-    assert!(handles(&client).await?.is_empty());
+    // DEL answers once the blocks are written; the handle objects (bookkeeping) follow.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = handles(&client).await?;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "handle objects left 10 s after DEL: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(
         !pod1
             .exec_ok(&["ip", "-o", "link", "show"])?

@@ -19,6 +19,7 @@ use tortie::api;
 use tortie::calc::policy::{
     LocalOverride, LocalOverrides, PolicyCalc, PolicySnapshot, local_model,
 };
+use tortie::datastore::pods::CachedPod;
 use tortie::desired::nft::Table;
 use tortie::policy::cluster::ClusterObjects;
 use tortie::policy::compile::{CompileOptions, compile};
@@ -26,22 +27,7 @@ use tortie::policy::compile::{CompileOptions, compile};
 const NODE: &str = "n1";
 
 fn objects(s: &PolicySnapshot) -> ClusterObjects {
-    fn plain<T: Clone>(v: &[Arc<T>]) -> Vec<T> {
-        v.iter().map(|a| (**a).clone()).collect()
-    }
-    ClusterObjects {
-        namespaces: plain(&s.namespaces),
-        pods: plain(&s.pods),
-        service_accounts: plain(&s.service_accounts),
-        k8s_policies: plain(&s.k8s_policies),
-        network_policies: plain(&s.network_policies),
-        global_network_policies: plain(&s.global_network_policies),
-        staged_network_policies: plain(&s.staged_network_policies),
-        staged_global_network_policies: plain(&s.staged_global_network_policies),
-        staged_k8s_policies: plain(&s.staged_k8s_policies),
-        network_sets: plain(&s.network_sets),
-        global_network_sets: plain(&s.global_network_sets),
-    }
+    s.to_objects()
 }
 
 /// Replaces the object with the same namespace/name (or adds it); a new `Arc` as a store
@@ -223,7 +209,7 @@ fn step(
                     .retain(|p| (p.namespace().unwrap_or_default(), p.name_any()) != key);
                 format!("pod {ns}/{name} removed")
             } else {
-                upsert(&mut s.pods, pod(rng, ns, &name, &ip));
+                upsert(&mut s.pods, CachedPod::from_pod(&pod(rng, ns, &name, &ip)));
                 format!("pod {ns}/{name} {ip}")
             }
         }
@@ -292,7 +278,7 @@ fn step(
             let name = format!("p{}", rng.random_range(0..5));
             let mut p = pod(rng, ns, &name, "10.1.0.99");
             p.status = None;
-            upsert(&mut s.pods, p);
+            upsert(&mut s.pods, CachedPod::from_pod(&p));
             format!("pod {ns}/{name} without address")
         }
     }
@@ -351,9 +337,7 @@ fn incremental_calculation_equals_a_full_compile_after_every_change() {
         // Half the generator's pods run here.
         for (i, p) in s.pods.iter_mut().enumerate() {
             let mut pod = (**p).clone();
-            if let Some(spec) = pod.spec.as_mut() {
-                spec.node_name = Some(if i % 2 == 0 { NODE } else { "n2" }.into());
-            }
+            pod.node_name = Some(if i % 2 == 0 { NODE } else { "n2" }.into());
             *p = Arc::new(pod);
         }
         let mut overrides = LocalOverrides::new();

@@ -28,6 +28,7 @@ use crate::api::vocab::{ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
 use crate::cni::handlers::endpoints::LocalEndpoint as Registered;
 use crate::cni::plumbing::host_veth_name;
 use crate::datastore::PolicyStores;
+use crate::datastore::pods::CachedPod;
 use crate::desired::nft::Table;
 use crate::policy::cluster::{
     ClusterObjects, ToPolicy, build_model, pod_endpoint_with, service_account_name,
@@ -158,7 +159,8 @@ pub fn policy_plan(objects: &ClusterObjects, node: &str, opts: &CompileOptions) 
 #[derive(Debug, Clone, Default)]
 pub struct PolicySnapshot {
     pub namespaces: Vec<Arc<Namespace>>,
-    pub pods: Vec<Arc<Pod>>,
+    /// As the daemon caches them (`to_pod` rebuilds a Pod for the pods that changed).
+    pub pods: Vec<Arc<CachedPod>>,
     pub service_accounts: Vec<Arc<ServiceAccount>>,
     pub k8s_policies: Vec<Arc<K8sNetworkPolicy>>,
     pub network_policies: Vec<Arc<api::NetworkPolicy>>,
@@ -172,7 +174,7 @@ pub struct PolicySnapshot {
 
 impl PolicySnapshot {
     /// The stores' current contents; `pods` is the daemon's one Pod store.
-    pub fn of(stores: &PolicyStores, pods: &Store<Pod>) -> PolicySnapshot {
+    pub fn of(stores: &PolicyStores, pods: &Store<CachedPod>) -> PolicySnapshot {
         PolicySnapshot {
             namespaces: stores.namespaces.state(),
             pods: pods.state(),
@@ -205,10 +207,10 @@ impl PolicySnapshot {
                 )
             })
             .collect();
-        let add: Vec<Arc<Pod>> = missing
+        let add: Vec<Arc<CachedPod>> = missing
             .into_iter()
             .filter(|r| !known.contains(&(r.namespace.as_str(), r.pod.clone())))
-            .filter_map(|r| r.object.clone())
+            .filter_map(|r| r.object.as_deref().map(CachedPod::from_pod).map(Arc::new))
             .collect();
         self.pods.extend(add);
         self
@@ -221,7 +223,7 @@ impl PolicySnapshot {
         }
         ClusterObjects {
             namespaces: plain(&self.namespaces),
-            pods: plain(&self.pods),
+            pods: self.pods.iter().map(|p| p.to_pod()).collect(),
             service_accounts: plain(&self.service_accounts),
             k8s_policies: plain(&self.k8s_policies),
             network_policies: plain(&self.network_policies),
@@ -246,7 +248,11 @@ impl PolicySnapshot {
         }
         PolicySnapshot {
             namespaces: arcs(&c.namespaces),
-            pods: arcs(&c.pods),
+            pods: c
+                .pods
+                .iter()
+                .map(|p| Arc::new(CachedPod::from_pod(p)))
+                .collect(),
             service_accounts: arcs(&c.service_accounts),
             k8s_policies: arcs(&c.k8s_policies),
             network_policies: arcs(&c.network_policies),
@@ -335,7 +341,7 @@ pub struct PolicyCalc {
     node: String,
     table: Incremental,
     namespaces: Seen<Namespace>,
-    pods: Seen<Pod>,
+    pods: Seen<CachedPod>,
     service_accounts: Seen<ServiceAccount>,
     k8s_policies: Seen<K8sNetworkPolicy>,
     network_policies: Seen<api::NetworkPolicy>,
@@ -445,7 +451,7 @@ impl PolicyCalc {
             let sa: HashSet<&Key> = accounts.iter().collect();
             for (key, pod) in &self.pods.by_key {
                 if ns.contains(key.0.as_str())
-                    || sa.contains(&(key.0.clone(), service_account_name(pod)))
+                    || sa.contains(&(key.0.clone(), cached_service_account(pod)))
                 {
                     pods.push(key.clone());
                 }
@@ -528,7 +534,8 @@ impl PolicyCalc {
     }
 
     fn refresh_pod(&mut self, key: &Key) {
-        let ep = self.pods.get(key).and_then(|pod| {
+        let ep = self.pods.get(key).and_then(|cached| {
+            let pod = &cached.to_pod();
             let ns_labels = self.namespace_labels(&key.0);
             let sa = (key.0.clone(), service_account_name(pod));
             let sa_labels = self.service_accounts.get(&sa).map(|s| s.labels());
@@ -536,6 +543,14 @@ impl PolicyCalc {
         });
         self.table.set_endpoint(key.clone(), ep);
     }
+}
+
+/// `service_account_name` of a cached pod, without rebuilding the Pod.
+fn cached_service_account(pod: &CachedPod) -> String {
+    pod.service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
 }
 
 type Converted = Option<(crate::policy::Policy, Vec<Diagnostic>)>;

@@ -3,13 +3,14 @@
 //! readiness and `tortie_datastore_synced` report.
 
 pub mod lease;
+pub mod pods;
 mod sync;
 mod watch;
 
 pub use sync::{Backoff, DatastoreStatus, Observation, SyncTracker};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -101,7 +102,7 @@ pub struct PolicyStores {
 
 impl PolicyStores {
     /// A snapshot of everything policy evaluation reads; `pods` is the daemon's one Pod store.
-    pub fn objects(&self, pods: &Store<Pod>) -> ClusterObjects {
+    pub fn objects(&self, pods: &Store<pods::CachedPod>) -> ClusterObjects {
         fn all<K>(s: &Store<K>) -> Vec<K>
         where
             K: kube::Resource + Clone + 'static,
@@ -111,7 +112,7 @@ impl PolicyStores {
         }
         ClusterObjects {
             namespaces: all(&self.namespaces),
-            pods: all(pods),
+            pods: pods.state().iter().map(|p| p.to_pod()).collect(),
             service_accounts: all(&self.service_accounts),
             k8s_policies: all(&self.k8s_policies),
             network_policies: all(&self.network_policies),

@@ -16,6 +16,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use ipnet::IpNet;
 
 use super::IpamError;
+use super::attrs::Attrs;
 use super::cidr::{addr_at, block_len, ordinal_of};
 use super::reservations::Reservations;
 
@@ -30,7 +31,7 @@ pub const DEFAULT_COOLDOWN: TimeDelta = TimeDelta::seconds(0);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Attribute {
     pub handle_id: Option<String>,
-    pub secondary: BTreeMap<String, String>,
+    pub secondary: Attrs,
     /// `alternateOwnerAttrs` (KubeVirt live migration), kept as found.
     pub alternate: BTreeMap<String, String>,
     pub released_at: Option<DateTime<Utc>>,
@@ -489,7 +490,7 @@ impl Block {
     fn find_or_add_attribute(&mut self, owner: &Owner) -> usize {
         let wanted = Attribute {
             handle_id: Some(owner.handle_id.clone()),
-            secondary: owner.attrs.clone(),
+            secondary: Attrs::from(&owner.attrs),
             ..Attribute::default()
         };
         if let Some(i) = self.attributes.iter().position(|a| *a == wanted) {

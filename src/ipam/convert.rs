@@ -22,6 +22,7 @@ pub fn chrono_to_time(t: DateTime<Utc>) -> Option<Time> {
 }
 
 use super::IpamError;
+use super::attrs::Attrs;
 use super::block::{Attribute, Block};
 use crate::api::ipamblock::{AllocationAttribute, IPAMBlockSpec};
 
@@ -55,7 +56,7 @@ pub fn block_from_spec(spec: &IPAMBlockSpec) -> Result<Block, IpamError> {
         .iter()
         .map(|a| Attribute {
             handle_id: a.handle_id.clone(),
-            secondary: a.secondary.clone().unwrap_or_default(),
+            secondary: a.secondary.clone().map(Attrs::from).unwrap_or_default(),
             alternate: a.alternate.clone().unwrap_or_default(),
             released_at: a.released_at.as_ref().and_then(time_to_chrono),
         })
@@ -95,7 +96,7 @@ pub fn block_to_spec(b: &Block) -> IPAMBlockSpec {
             .map(|a| AllocationAttribute {
                 handle_id: a.handle_id.clone(),
                 secondary: (!a.secondary.is_empty() || a.handle_id.is_some())
-                    .then(|| a.secondary.clone()),
+                    .then(|| a.secondary.to_map()),
                 alternate: (!a.alternate.is_empty()).then(|| a.alternate.clone()),
                 released_at: a.released_at.and_then(chrono_to_time),
             })

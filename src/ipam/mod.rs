@@ -1,6 +1,7 @@
 //! IPAM: Calico-compatible address management. Sans-IO core (block maths, the in-block
 //! allocator, pool choice, free-block search) with the API-server store on top of it.
 
+pub mod attrs;
 pub mod block;
 pub mod cidr;
 pub mod cli;

@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::runtime::reflector::Store;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use crate::datastore::pods::CachedPod;
 use crate::health::{Expect, Registry};
 
 use crate::ipam::Ipam;
@@ -42,7 +43,7 @@ impl IpamJobs {
         metrics: &Metrics,
         ipam: Arc<Ipam>,
         grace: Duration,
-        (pods, pods_watch): (Store<Pod>, tokio::task::JoinHandle<()>),
+        (pods, pods_watch): (Store<CachedPod>, tokio::task::JoinHandle<()>),
     ) -> Result<IpamJobs, MetricsError> {
         let JobContext {
             client,

@@ -81,6 +81,7 @@ pub fn main(args: NodeArgs) -> ExitCode {
 
 fn run_to_completion(cfg: NodeConfig) -> Result<(), NodeError> {
     // The daemon waits on the network, not on the CPU: a few workers suffice on big hosts.
+    crate::memory::tune_allocator();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -134,6 +135,7 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         metrics: metrics_addr,
     };
 
+    let trim_stopped = stopped.clone();
     let started = tokio::select! {
         started = startup::start(&cfg, &metrics, &ready, stopped, listeners) => started.map(Some),
         signal = signals.recv() => {
@@ -145,6 +147,9 @@ async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let outcome = match started {
         Ok(Some(running)) => {
             tracing::info!("tortie node ready");
+            // The initial lists are parsed and cached: what they needed on the way is free.
+            crate::memory::trim();
+            tokio::spawn(crate::memory::trim_periodically(trim_stopped));
             let outcome = main_loop(&mut signals, &mut servers).await;
             readiness_health.stopping();
             let _ = stop.send(true);

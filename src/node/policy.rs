@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::datastore::pods::CachedPod;
 use kube::runtime::reflector::Store;
 use prometheus::IntCounter;
 use tokio::task::AbortHandle;
@@ -29,7 +29,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// What the driver reads.
 pub struct Inputs {
     pub view: ClusterView,
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub endpoints: Arc<LocalEndpoints>,
     pub node: String,
     pub interval: Duration,

@@ -135,6 +135,13 @@ pub async fn start(
     // Its changes wake the calculations as the view's own stores do (policy reads pods).
     let (pods, pods_watch) =
         crate::ipam::gc::watch_pods_notifying(client.clone(), datastore.notifier());
+    // Its initial list (the biggest of all) may still be under way when start-up ends.
+    let listed = pods.clone();
+    tokio::spawn(async move {
+        if listed.wait_until_ready().await.is_ok() {
+            crate::memory::trim();
+        }
+    });
     let jobs = JobContext {
         client: client.clone(),
         nodes: datastore.view.nodes.clone(),

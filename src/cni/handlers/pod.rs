@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinHandle;
 
 use super::HandlerError;
+use crate::datastore::pods::CachedPod;
 use crate::datastore::reflect;
 
 pub use crate::api::vocab::{ANNOTATION_CONTAINER_ID, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
@@ -45,7 +46,7 @@ fn api_err(action: &'static str, object: String) -> impl FnOnce(kube::Error) -> 
 /// The Namespace store must keep Calico's `cni.projectcalico.org/*` annotations.
 #[derive(Clone)]
 pub struct SharedStores {
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub namespaces: Store<Namespace>,
     /// The policy driver's registry of local pods, when the daemon enforces policy.
     pub endpoints: Option<Arc<super::endpoints::LocalEndpoints>>,
@@ -54,7 +55,7 @@ pub struct SharedStores {
 pub struct PodView {
     client: Client,
     annotations: Annotations,
-    pods: Store<Pod>,
+    pods: Store<CachedPod>,
     namespaces: Store<Namespace>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -75,7 +76,7 @@ impl PodView {
             Some(s) => (s.pods, s.namespaces),
             None => {
                 let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-                let (pods, task) = reflect(Api::all(client.clone()), on_node, trim_pod, "CNI pods");
+                let (pods, task) = reflect(Api::all(client.clone()), on_node, |_| {}, "CNI pods");
                 let (namespaces, ns_task) = reflect(
                     Api::all(client.clone()),
                     watcher::Config::default(),
@@ -113,7 +114,7 @@ impl PodView {
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         let pod_read = async {
             match &cached {
-                Some(p) => Ok(Some(Arc::clone(p))),
+                Some(p) => Ok(Some(Arc::new(p.to_pod()))),
                 None => pods.get_opt(name).await.map(|p| p.map(Arc::new)),
             }
         };
@@ -175,6 +176,7 @@ impl PodView {
         let mut known = self
             .pods
             .get(&ObjectRef::new(name).within(namespace))
+            .map(|p| Arc::new(p.to_pod()))
             .filter(|p| ours(p));
         for _ in 0..MAX_BLANK_ATTEMPTS {
             let pod = match known.take() {
@@ -310,13 +312,6 @@ impl Annotations {
             .await?;
         Ok(())
     }
-}
-
-// Only metadata is read: spec, status and managed fields are the bulk of these objects.
-fn trim_pod(p: &mut Pod) {
-    p.metadata.managed_fields = None;
-    p.spec = None;
-    p.status = None;
 }
 
 fn trim_namespace(n: &mut Namespace) {

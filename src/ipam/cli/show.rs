@@ -209,7 +209,7 @@ pub fn borrowed(snap: &Snapshot) -> Vec<Borrowed> {
                         .get(ATTR_TYPE)
                         .cloned()
                         .unwrap_or_else(|| "pod".to_string()),
-                    allocated_to: allocated_to(&attr.secondary, handle),
+                    allocated_to: allocated_to(&attr.secondary.to_map(), handle),
                 });
             }
         }
@@ -287,7 +287,7 @@ pub fn ip_info(snap: &Snapshot, ip: IpAddr) -> IpInfo {
             namespace: attrs.get(ATTR_NAMESPACE).cloned(),
             pod: attrs.get(ATTR_POD).cloned(),
             node: attrs.get(ATTR_NODE).cloned(),
-            attributes: attrs.clone(),
+            attributes: attrs.to_map(),
         };
     }
     match pool {

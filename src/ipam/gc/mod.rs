@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -24,12 +24,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use self::verdict::{
-    ANNOTATION_POD_IP, ANNOTATION_POD_IPS, Allocation, Holder, Judged, LeakTracker, PodFacts,
-    Verdict, allocations, holder_of, ownerless, pod_facts, verdict,
+    Allocation, Holder, Judged, LeakTracker, PodFacts, Verdict, allocations, cached_pod_facts,
+    holder_of, ownerless, pod_facts, verdict,
 };
 use super::Ipam;
 use super::IpamError;
 use super::metrics::{UNKNOWN_NODE, pool_label};
+use crate::datastore::pods::CachedPod;
 use crate::datastore::reflect;
 
 /// First delay of the extra passes that follow a node's deletion; it doubles while the
@@ -92,18 +93,18 @@ impl GcStatus {
 #[derive(Clone)]
 pub struct Cluster {
     pub client: Client,
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub nodes: Store<Node>,
 }
 
-/// A reflector of every Pod, trimmed to what leak decisions and the CNI read (uid, Calico's
-/// annotations, phase, addresses) so a large cluster's pods cost little memory. The daemon
-/// opens one and shares it (GC, CNI).
-pub fn watch_pods(client: Client) -> (Store<Pod>, JoinHandle<()>) {
+/// A reflector of every Pod, cached as `CachedPod` (what leak decisions, the CNI and policy
+/// read: uid, labels, Calico's annotations, node, ports, phase, addresses) so a large
+/// cluster's pods cost little memory. The daemon opens one and shares it (GC, CNI, policy).
+pub fn watch_pods(client: Client) -> (Store<CachedPod>, JoinHandle<()>) {
     reflect(
         Api::all(client),
         watcher::Config::default(),
-        trim_pod,
+        |_| {},
         "IPAM GC pods",
     )
 }
@@ -113,11 +114,11 @@ pub fn watch_pods(client: Client) -> (Store<Pod>, JoinHandle<()>) {
 pub fn watch_pods_notifying(
     client: Client,
     changes: crate::datastore::ChangeNotifier,
-) -> (Store<Pod>, JoinHandle<()>) {
+) -> (Store<CachedPod>, JoinHandle<()>) {
     crate::datastore::reflect_notifying(
         Api::all(client),
         watcher::Config::default(),
-        trim_pod,
+        |_| {},
         "IPAM GC pods",
         changes,
     )
@@ -135,42 +136,6 @@ pub fn watch_nodes(client: Client) -> (Store<Node>, JoinHandle<()>) {
         },
         "IPAM GC nodes",
     )
-}
-
-fn trim_pod(p: &mut Pod) {
-    p.managed_fields_mut().clear();
-    // Labels, the service account and the containers' named ports stay: network policy
-    // reads them from this same store.
-    p.metadata.owner_references = None;
-    // The daemon shares this store with the CNI, which reads Calico's pod annotations
-    // (pools, fixed addresses, container ID) too.
-    if let Some(ann) = p.metadata.annotations.as_mut() {
-        ann.retain(|k, _| {
-            k == ANNOTATION_POD_IP
-                || k == ANNOTATION_POD_IPS
-                || k.starts_with("cni.projectcalico.org/")
-        });
-    }
-    p.spec = p.spec.take().map(|s| PodSpec {
-        node_name: s.node_name,
-        service_account_name: s.service_account_name,
-        containers: s
-            .containers
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                ports: c.ports,
-                ..Container::default()
-            })
-            .collect(),
-        ..PodSpec::default()
-    });
-    p.status = p.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        ..PodStatus::default()
-    });
 }
 
 /// Leadership as the GC must read it: an election whose task ended (crashed, aborted) leaves
@@ -251,6 +216,9 @@ pub async fn run(
                 _ = is_leader.wait_for(|l| !*l) => Wake::Lost,
                 () = gc.pass() => Wake::Tick,
             };
+            // A pass judges every allocation against every pod: megabytes that are free
+            // again now, given back rather than left in the heap until the next trim.
+            crate::memory::trim();
             match ended {
                 Wake::Shutdown => return,
                 Wake::Lost => break,
@@ -276,7 +244,7 @@ struct LeaderGc {
     ipam: Arc<Ipam>,
     pods_api: Api<Pod>,
     nodes_api: Api<Node>,
-    pods: Store<Pod>,
+    pods: Store<CachedPod>,
     nodes: Store<Node>,
     cfg: GcConfig,
     status: GcStatus,
@@ -356,7 +324,7 @@ impl LeaderGc {
                     |ns, name| {
                         self.pods
                             .get(&ObjectRef::new(name).within(ns))
-                            .map(|p| pod_facts(&p))
+                            .map(|p| cached_pod_facts(&p))
                     },
                     |n| self.node_cached(n),
                 );
@@ -435,7 +403,7 @@ impl LeaderGc {
             .pods
             .state()
             .iter()
-            .flat_map(|p| pod_facts(p).ips)
+            .flat_map(|p| cached_pod_facts(p).ips)
             .collect();
         let seen: Vec<((ipnet::IpNet, IpAddr), String)> = self.ipam.with_view(|v| {
             ownerless(v)

@@ -11,6 +11,8 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::api::vocab::ATTR_POD_UID;
+use crate::datastore::pods::CachedPod;
+use crate::ipam::attrs::Attrs;
 use crate::ipam::block::Slot;
 use crate::ipam::cidr::addr_at;
 use crate::ipam::store::View;
@@ -36,7 +38,7 @@ pub struct Allocation {
     /// Node of the block's `host:` affinity.
     pub block_host: Option<String>,
     pub handle: String,
-    pub attrs: BTreeMap<String, String>,
+    pub attrs: Attrs,
 }
 
 impl Allocation {
@@ -145,24 +147,56 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 }
 
 pub fn pod_facts(pod: &Pod) -> PodFacts {
+    let status = pod.status.as_ref();
+    let ann = pod.metadata.annotations.as_ref();
+    facts(
+        pod.metadata.uid.clone(),
+        status.and_then(|s| s.pod_ip.as_deref()),
+        status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| p.ip.as_str()),
+        |k| ann.and_then(|a| a.get(k)).map(String::as_str),
+        status.and_then(|s| s.phase.as_deref()),
+    )
+}
+
+/// `pod_facts` of a cached pod, read in place (the GC judges every pod each pass).
+pub fn cached_pod_facts(pod: &CachedPod) -> PodFacts {
+    let annotation = |k: &str| {
+        pod.annotations
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    facts(
+        pod.metadata.uid.clone(),
+        pod.pod_ip.as_deref(),
+        pod.pod_ips.iter().map(String::as_str),
+        annotation,
+        pod.phase.as_deref(),
+    )
+}
+
+fn facts<'a>(
+    uid: Option<String>,
+    pod_ip: Option<&str>,
+    pod_ips: impl Iterator<Item = &'a str>,
+    annotation: impl Fn(&str) -> Option<&'a str>,
+    phase: Option<&str>,
+) -> PodFacts {
     let mut ips: Vec<IpAddr> = Vec::new();
-    if let Some(status) = &pod.status {
-        ips.extend(status.pod_ip.as_deref().and_then(parse_ip));
-        for p in status.pod_ips.iter().flatten() {
-            ips.extend(parse_ip(&p.ip));
-        }
-    }
-    if let Some(ann) = &pod.metadata.annotations {
-        ips.extend(ann.get(ANNOTATION_POD_IP).and_then(|v| parse_ip(v)));
-        if let Some(v) = ann.get(ANNOTATION_POD_IPS) {
-            ips.extend(v.split(',').filter_map(parse_ip));
-        }
+    ips.extend(pod_ip.and_then(parse_ip));
+    ips.extend(pod_ips.filter_map(parse_ip));
+    ips.extend(annotation(ANNOTATION_POD_IP).and_then(parse_ip));
+    if let Some(v) = annotation(ANNOTATION_POD_IPS) {
+        ips.extend(v.split(',').filter_map(parse_ip));
     }
     ips.sort();
     ips.dedup();
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     PodFacts {
-        uid: pod.metadata.uid.clone(),
+        uid,
         ips,
         finished: matches!(phase, Some("Succeeded" | "Failed")),
     }
@@ -291,10 +325,12 @@ mod tests {
             block: "10.0.0.0/26".parse().unwrap(),
             block_host: Some("n1".into()),
             handle: handle.into(),
-            attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            attrs: Attrs::from(
+                attrs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
         }
     }
 
@@ -404,6 +440,11 @@ mod tests {
             .collect();
         assert_eq!(f.ips, want);
         assert!(!f.finished);
+        assert_eq!(
+            cached_pod_facts(&CachedPod::from_pod(&pod)),
+            f,
+            "the cached pod says the same"
+        );
     }
 
     fn judged(a: &Allocation, v: Verdict) -> Judged {

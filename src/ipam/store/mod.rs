@@ -135,13 +135,74 @@ impl AssignRequest {
 pub struct Ipam {
     node: String,
     view: ViewHandle,
-    writers: Writers,
+    writers: Arc<Writers>,
     blocks: Api<IPAMBlock>,
     affinities: Api<BlockAffinity>,
     handles: Api<IPAMHandle>,
     stats: Arc<WriteStats>,
     activity: Activity,
     claim_lock: tokio::sync::Mutex<()>,
+    /// Handles a DEL released from the blocks the view knows: their object is read (for
+    /// blocks only it names) and deleted in the background, a few at a time, so a burst of
+    /// DELs does not queue its block writes behind a read and a delete per pod.
+    deferred: tokio::sync::mpsc::UnboundedSender<(String, Vec<IpNet>)>,
+}
+
+/// Handle objects being cleaned up at once, at most, by the deferred queue.
+const DEFERRED_IN_FLIGHT: usize = 4;
+
+/// The deferred half of a DEL's release: for each handle, the object is read, any block it
+/// names that the view did not know is released (logged: the view normally knows every
+/// block this daemon wrote), and the object is deleted exactly as read.
+async fn drain_deferred(
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<IpNet>)>,
+    api: Api<IPAMHandle>,
+    writers: Arc<Writers>,
+) {
+    use futures::StreamExt;
+    receiver_stream(rx)
+        .for_each_concurrent(DEFERRED_IN_FLIGHT, |(name, known)| {
+            let (api, writers) = (api.clone(), writers.clone());
+            async move {
+                let object = match handle::read(&api, &name).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(handle = %name, error = %e, "handle object not read; GC will delete it");
+                        return;
+                    }
+                };
+                let extra: Vec<IpNet> = object
+                    .as_ref()
+                    .map(handle::blocks_in)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|c| !known.contains(c))
+                    .collect();
+                for cidr in extra {
+                    match writers.release(cidr, &name).await {
+                        Ok(a) if !a.is_empty() => {
+                            tracing::warn!(handle = %name, block = %cidr, addresses = ?a, "released addresses in a block the view did not know")
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(handle = %name, block = %cidr, error = %e, "could not release; GC will")
+                        }
+                    }
+                }
+                // Deleted only as read: if an ADD re-created it meanwhile, it is that ADD's.
+                if let Err(e) = handle::delete_as_read(&api, &name, object).await {
+                    tracing::warn!(handle = %name, error = %e, "handle object not deleted; GC will");
+                }
+            }
+        })
+        .await;
+}
+
+/// The receiver as a stream (tokio's channel has no Stream impl without tokio-stream).
+fn receiver_stream<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 impl Ipam {
@@ -172,16 +233,30 @@ impl Ipam {
         }
         let blocks = Api::<IPAMBlock>::all(client.clone());
         let stats = Arc::new(WriteStats::default());
+        let writers = Arc::new(Writers::new(
+            blocks.clone(),
+            view.view.clone(),
+            stats.clone(),
+        ));
+        let handles: Api<IPAMHandle> = Api::all(client.clone());
+        let (deferred, deferred_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Ends when the Ipam (the only sender) is dropped and the queue is drained.
+        tokio::spawn(drain_deferred(
+            deferred_rx,
+            handles.clone(),
+            writers.clone(),
+        ));
         let ipam = Ipam {
             node: node.to_string(),
-            writers: Writers::new(blocks.clone(), view.view.clone(), stats.clone()),
+            writers,
             view,
             blocks,
-            affinities: Api::all(client.clone()),
-            handles: Api::all(client),
+            affinities: Api::all(client),
+            handles,
             stats,
             activity: Activity::default(),
             claim_lock: tokio::sync::Mutex::new(()),
+            deferred,
         };
         ipam.claimer().confirm_own_blocks().await;
         Ok(ipam)
@@ -544,7 +619,11 @@ impl Ipam {
 
     /// `release_by_handle` for CNI DEL: answers once the blocks are written and deletes the
     /// handle object afterwards (the addresses are free already; only the bookkeeping
-    /// object is left, and the handle GC collects it if the delete never happens).
+    /// object is left, and the handle GC collects it if the delete never happens). When the
+    /// view knows blocks of the handle, the object is not read first: the view holds every
+    /// block this daemon wrote (its writes update the view before they answer) and was
+    /// listed before the CNI served, so the blocks it knows are all the handle's; the
+    /// object's own list is still checked in the background.
     pub async fn release_by_handle_deferred(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
         self.release_handle(handle, true).await
     }
@@ -553,9 +632,25 @@ impl Ipam {
         let known: Vec<IpNet> = self.with_view(|v| {
             v.handles
                 .get(handle)
-                .map(|c| c.iter().copied().collect())
+                .map(|c| c.to_vec())
                 .unwrap_or_default()
         });
+        if defer && !known.is_empty() {
+            let written =
+                futures::future::join_all(known.iter().map(|c| self.writers.release(*c, handle)))
+                    .await;
+            let mut released = Vec::new();
+            for r in written {
+                released.extend(r?);
+            }
+            // A closed queue means the daemon is stopping; GC deletes the object then.
+            let _ = self.deferred.send((handle.to_string(), known));
+            Activity::add(&self.activity.releases, released.len());
+            if !released.is_empty() {
+                tracing::info!(handle, addresses = ?released, "released addresses");
+            }
+            return Ok(released);
+        }
         let release_all = |cidrs: Vec<IpNet>| {
             futures::future::join_all(
                 cidrs

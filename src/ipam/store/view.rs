@@ -43,8 +43,9 @@ pub struct View {
     pub limits: Limits,
     pub reservations: Reservations,
     pub node_labels: BTreeMap<String, String>,
-    /// handle id → blocks holding at least one of its addresses.
-    pub handles: BTreeMap<String, BTreeSet<IpNet>>,
+    /// handle id → blocks holding at least one of its addresses (almost always one: a
+    /// short vector, not a set, as there is one entry per pod).
+    pub handles: BTreeMap<String, Vec<IpNet>>,
     reservation_objs: BTreeMap<String, Vec<IpNet>>,
     pool_objs: BTreeMap<String, IPPool>,
     /// Where overlaps become Kubernetes Events, and the (kept, excluded) pairs already sent.
@@ -81,7 +82,11 @@ impl View {
         }
         self.unindex(&cidr);
         for h in cached.block.handle_counts().into_keys() {
-            self.handles.entry(h).or_default().insert(cidr);
+            let blocks = self.handles.entry(h).or_default();
+            if !blocks.contains(&cidr) {
+                blocks.push(cidr);
+                blocks.shrink_to_fit();
+            }
         }
         self.infos
             .insert(cidr, BlockInfo::of(&cached.block, &self.reservations));
@@ -98,7 +103,7 @@ impl View {
         if let Some(old) = self.blocks.get(cidr) {
             for h in old.block.handle_counts().into_keys() {
                 if let Some(set) = self.handles.get_mut(&h) {
-                    set.remove(cidr);
+                    set.retain(|c| c != cidr);
                     if set.is_empty() {
                         self.handles.remove(&h);
                     }
