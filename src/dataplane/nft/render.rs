@@ -108,18 +108,7 @@ pub fn changes(want: &Table, known: &Table) -> Option<String> {
         }
     }
     for (name, chain) in &want.chains {
-        let old_rules = known.chains.get(name).map(|c| c.rules.as_slice());
-        if old_rules == Some(chain.rules.as_slice())
-            || (old_rules.is_none() && chain.rules.is_empty())
-        {
-            continue;
-        }
-        if old_rules.is_some() {
-            let _ = writeln!(s, "flush chain {t} {name}");
-        }
-        for rule in &chain.rules {
-            let _ = writeln!(s, "add rule {t} {name} {}", rule_line(rule));
-        }
+        rewrite_rules(&mut s, &t, name, chain, known);
     }
     // Removed chains are emptied first, so no jump to one another is left when they go.
     let removed: Vec<&String> = known
@@ -212,18 +201,7 @@ pub fn changes_of(
         let Some(chain) = want.chains.get(name) else {
             continue;
         };
-        let old_rules = known.chains.get(name).map(|c| c.rules.as_slice());
-        if old_rules == Some(chain.rules.as_slice())
-            || (old_rules.is_none() && chain.rules.is_empty())
-        {
-            continue;
-        }
-        if old_rules.is_some() {
-            let _ = writeln!(s, "flush chain {t} {name}");
-        }
-        for rule in &chain.rules {
-            let _ = writeln!(s, "add rule {t} {name} {}", rule_line(rule));
-        }
+        rewrite_rules(&mut s, &t, name, chain, known);
     }
     let removed: Vec<&String> = chains
         .iter()
@@ -254,6 +232,22 @@ fn reshaped(want: &Table, known: &Table) -> bool {
         .iter()
         .any(|(n, c): (&String, &Chain)| known.chains.get(n).is_some_and(|k| k.hook != c.hook));
     sets || chains
+}
+
+/// A chain whose rules differ from the kernel's is flushed and written whole; a new one
+/// with no rules needs no statement beyond its `add chain`.
+fn rewrite_rules(s: &mut String, t: &str, name: &str, chain: &Chain, known: &Table) {
+    let old_rules = known.chains.get(name).map(|c| c.rules.as_slice());
+    if old_rules == Some(chain.rules.as_slice()) || (old_rules.is_none() && chain.rules.is_empty())
+    {
+        return;
+    }
+    if old_rules.is_some() {
+        let _ = writeln!(s, "flush chain {t} {name}");
+    }
+    for rule in &chain.rules {
+        let _ = writeln!(s, "add rule {t} {name} {}", rule_line(rule));
+    }
 }
 
 fn rule_line(rule: &crate::desired::nft::Rule) -> String {
