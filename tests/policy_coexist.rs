@@ -11,7 +11,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
@@ -115,24 +114,7 @@ fn connect(src: &NetNs, dst: &str) -> Option<String> {
 }
 
 fn load(node: &NetNs, script: &str) {
-    let mut child = node
-        .command(&["nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft rejected: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    node.nft_load(script);
 }
 
 fn iptables(node: &NetNs, args: &str) {

@@ -10,7 +10,6 @@ mod policy_gen;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -243,24 +242,7 @@ fn compiled_table_in_the_kernel_decides_every_flow_like_the_evaluator() {
 
 /// Loads `script` into `node` as one transaction (replacing the table when present).
 fn load(node: &NetNs, script: &str) {
-    let mut child = node
-        .command(&["nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft rejected the table: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    node.nft_load(script);
 }
 
 /// Random Kubernetes policy sets (the oracle test's generator) compiled and loaded into the

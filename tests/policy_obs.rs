@@ -7,7 +7,6 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,24 +91,7 @@ fn model(c: &ClusterObjects) -> Model {
 /// Loads the compiled table into `node` as one transaction (replacing it when present).
 fn load(node: &NetNs, m: &Model) {
     let script = tortie::dataplane::nft::render::full(&compile(m, &CompileOptions::default()));
-    let mut child = node
-        .command(&["nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    node.nft_load(&script);
 }
 
 /// A TCP server in `ns` answering each connection with "ok" and echoing lines after that.

@@ -82,6 +82,29 @@ impl NetNs {
             .with_context(|| format!("in netns {}", self.name))
     }
 
+    /// Feeds `script` to `nft -f -` inside the namespace: one atomic transaction. Panics
+    /// with nft's complaint and the script when nft rejects it.
+    pub fn nft_load(&self, script: &str) {
+        let mut child = self
+            .command(&["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run nft in netns {}: {e}", self.name));
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .expect("write the nft script");
+        }
+        let out = child.wait_with_output().expect("wait for nft");
+        assert!(
+            out.status.success(),
+            "nft rejected the script in netns {}: {}\n{script}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs `f` on a fresh std::thread that has joined this namespace; the thread exits
     /// afterwards, so no other code ever runs in the namespace by accident. Panics in `f`
     /// propagate to the caller.
