@@ -122,9 +122,15 @@ pub fn blocks_in(h: &IPAMHandle) -> Vec<IpNet> {
     h.spec.block.keys().filter_map(|k| k.parse().ok()).collect()
 }
 
-/// Deletes the handle object once all its addresses are released. The delete carries the
-/// resourceVersion and UID of the object read (`first`, else a fresh read), so it removes
-/// exactly that object; a conflict re-reads.
+/// The blocks the handle object names beyond those already `known` (released from the view).
+pub fn blocks_beyond(h: Option<&IPAMHandle>, known: &[IpNet]) -> Vec<IpNet> {
+    h.map(blocks_in)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| !known.contains(c))
+        .collect()
+}
+
 /// Deletes the handle object exactly as `read` (resourceVersion and uid preconditions); a
 /// changed or missing object is left alone.
 pub async fn delete_as_read(

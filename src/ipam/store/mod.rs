@@ -171,14 +171,7 @@ async fn drain_deferred(
                         return;
                     }
                 };
-                let extra: Vec<IpNet> = object
-                    .as_ref()
-                    .map(handle::blocks_in)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|c| !known.contains(c))
-                    .collect();
-                for cidr in extra {
+                for cidr in handle::blocks_beyond(object.as_ref(), &known) {
                     match writers.release(cidr, &name).await {
                         Ok(a) if !a.is_empty() => {
                             tracing::warn!(handle = %name, block = %cidr, addresses = ?a, "released addresses in a block the view did not know")
@@ -664,14 +657,7 @@ impl Ipam {
             release_all(known.clone())
         );
         let object = object?;
-        let extra: Vec<IpNet> = object
-            .as_ref()
-            .map(handle::blocks_in)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| !known.contains(c))
-            .collect();
-        let second = release_all(extra).await;
+        let second = release_all(handle::blocks_beyond(object.as_ref(), &known)).await;
         let mut released = Vec::new();
         for r in first.into_iter().chain(second) {
             released.extend(r?);
