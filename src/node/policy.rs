@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::datastore::pods::CachedPod;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use prometheus::IntCounter;
 use tokio::task::AbortHandle;
 
@@ -79,26 +79,33 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
             crate::health::faults::check(pulse.name()).await;
             changes.borrow_and_update();
             registered.borrow_and_update();
-            let (generation, local) = inputs.endpoints.snapshot();
+            let (generation, mut local) = inputs.endpoints.snapshot();
+            // ADD's copy of a Pod only stands in while the store lacks the pod: dropped here
+            // with one index lookup each, so the snapshot needs no scan of every pod.
+            for ep in local.iter_mut().filter(|ep| ep.object.is_some()) {
+                let key = ObjectRef::new(&ep.pod).within(&ep.namespace);
+                if inputs.pods.get(&key).is_some() {
+                    ep.object = None;
+                }
+            }
             let snapshot =
                 PolicySnapshot::of(&inputs.view.policy, &inputs.pods).with_registered(&local);
             let overrides = overrides_of(&local);
-            let for_calc = snapshot.clone();
             let started = std::time::Instant::now();
             let joined = tokio::task::spawn_blocking(move || {
                 calc.set_overrides(&overrides);
-                calc.sync(&for_calc);
+                calc.sync(&snapshot);
                 let touched = calc.take_touched();
                 let r = if full {
                     driver.reconcile(calc.table())
                 } else {
                     driver.reconcile_changed(calc.table(), &touched.sets, &touched.chains)
                 };
-                (calc, driver, r)
+                (calc, driver, r, snapshot)
             })
             .await;
             let result = match joined {
-                Ok((c, d, r)) => {
+                Ok((c, d, r, snapshot)) => {
                     calc = c;
                     driver = d;
                     let diagnostics: Vec<_> = calc.diagnostics().cloned().collect();
