@@ -355,6 +355,27 @@ check_netpol() {
 block_count() { k get ipamblocks.crd.projectcalico.org -o json | jq --arg h "host:$1" '[.items[] | select(.spec.affinity == $h)] | length'; }
 affinity_count() { k get blockaffinities.crd.projectcalico.org -o json | jq --arg n "$1" '[.items[] | select(.spec.node == $n)] | length'; }
 
+# What holds a deleted node's blocks: their allocations, the pods still bound to the node,
+# the GC leader and its log.
+node_delete_state() {
+  local victim=$1 holder
+  log "blocks of $victim and what they hold:"
+  k get ipamblocks.crd.projectcalico.org -o json | jq -r --arg h "host:$victim" \
+    '.items[] | select(.spec.affinity == $h) | "  \(.spec.cidr) deleted=\(.spec.deleted // false) attrs=\(.spec.attributes | tostring) unallocated=\(.spec.unallocated | length)"' >&2 || true
+  log "affinities of $victim:"
+  k get blockaffinities.crd.projectcalico.org -o json | jq -r --arg n "$victim" \
+    '.items[] | select(.spec.node == $n) | "  \(.metadata.name) \(.spec.state) deleted=\(.spec.deleted)"' >&2 || true
+  log "pods bound to $victim:"
+  k get pods -A --field-selector "spec.nodeName=$victim" -o wide >&2 || true
+  holder=$(k -n kube-system get leases -o json | jq -r '.items[] | select(.metadata.name | test("tortie")) | "\(.metadata.name) \(.spec.holderIdentity)"' || true)
+  log "leases: $holder"
+  local pod
+  for pod in $(k -n kube-system get pods -l k8s-app=tortie-node -o jsonpath='{.items[*].metadata.name}'); do
+    log "last lines of $pod about GC:"
+    k -n kube-system logs "$pod" --tail=2000 2>&1 | grep -Ei 'garbage|leak|deleted node|leading|lease|released|affinity' | tail -n 40 >&2 || true
+  done
+}
+
 check_node_delete() {
   local victim=${node_list[${#node_list[@]} - 1]}
   local blocks
@@ -364,7 +385,10 @@ check_node_delete() {
   local t0=$SECONDS
   k delete node "$victim" --wait=true >/dev/null
   freed() { [ "$(block_count "$victim")" = 0 ] && [ "$(affinity_count "$victim")" = 0 ]; }
-  until_true "${E2E_NODE_DELETE_TIMEOUT:-600}" "blocks of deleted node $victim freed" freed || return 1
+  until_true "${E2E_NODE_DELETE_TIMEOUT:-600}" "blocks of deleted node $victim freed" freed || {
+    node_delete_state "$victim"
+    return 1
+  }
   log "FIGURE node-delete-to-blocks-freed: $((SECONDS - t0)) s"
 }
 

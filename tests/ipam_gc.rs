@@ -31,7 +31,7 @@ use tortie::ipam::cidr::addr_at;
 use tortie::ipam::gc::local::{self, LocalConfig};
 use tortie::ipam::gc::{self, Cluster, GcConfig, GcStatus};
 use tortie::ipam::pools::Family;
-use tortie::ipam::{AssignRequest, Ipam, TunnelKind, pod_handle};
+use tortie::ipam::{AssignRequest, Ipam, IpamError, TunnelKind, pod_handle};
 
 const SYNC: Duration = Duration::from_secs(30);
 
@@ -560,13 +560,12 @@ async fn a_node_deleted_while_leading_frees_its_blocks_before_the_next_timed_pas
     create_pool(&client, "dl-pool", "10.82.0.0/24", 28).await?;
     cp.create_node("stays", &[]).await?;
     cp.create_node("goes", &[]).await?;
-    {
-        let goes = Ipam::start(client.clone(), "goes", SYNC).await?;
-        let attrs = pod_attrs("goes", "ghost", "u-ghost");
-        assign(&goes, &pod_handle("ghost"), attrs, &[]).await?;
-        goes.assign_tunnel_addr(TunnelKind::Vxlan, Family::V4)
-            .await?;
-    }
+    // The deleted node's IPAM lives on, as its daemon does until its pod is collected.
+    let goes = Arc::new(Ipam::start(client.clone(), "goes", SYNC).await?);
+    let attrs = pod_attrs("goes", "ghost", "u-ghost");
+    assign(&goes, &pod_handle("ghost"), attrs, &[]).await?;
+    goes.assign_tunnel_addr(TunnelKind::Vxlan, Family::V4)
+        .await?;
     assert_eq!(blocks_of(&client, "goes").await?.len(), 1);
     // Passes an hour apart: only the first, at leadership, runs within the test.
     let cfg = GcConfig {
@@ -585,11 +584,40 @@ async fn a_node_deleted_while_leading_frees_its_blocks_before_the_next_timed_pas
     Api::<Node>::all(client.clone())
         .delete("goes", &DeleteParams::default())
         .await?;
+    // Its overlay keeps asking for the tunnel address the leader releases.
+    let asking = {
+        let goes = goes.clone();
+        tokio::spawn(async move {
+            loop {
+                let got = goes.assign_tunnel_addr(TunnelKind::Vxlan, Family::V4).await;
+                if let Err(IpamError::NodeDeleted { .. }) = got {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
     wait_until("the deleted node's block and affinity are gone", || async {
         Ok(blocks_of(&client, "goes").await?.is_empty()
             && affinities_of(&client, "goes").await?.is_empty())
     })
     .await?;
+    tokio::time::timeout(Duration::from_secs(10), asking).await??;
+    let err = assign(
+        &goes,
+        &pod_handle("late"),
+        pod_attrs("goes", "late", "u-late"),
+        &[],
+    )
+    .await
+    .expect_err("nothing is assigned on a deleted node");
+    assert!(err.to_string().contains("has been deleted"), "{err:#}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        blocks_of(&client, "goes").await?.is_empty()
+            && affinities_of(&client, "goes").await?.is_empty(),
+        "the deleted node's daemon claimed a block again"
+    );
     assert!(held(&client).await?.is_empty());
     eprintln!(
         "blocks of a deleted node freed {:?} after its deletion",

@@ -11,6 +11,10 @@ use super::search::PoolUsage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
+    #[error(
+        "node {node:?} has been deleted: no address is assigned on it (its blocks are being released)"
+    )]
+    NodeDeleted { node: String },
     #[error("invalid blockSize {block_size}: {reason}")]
     InvalidBlockSize { block_size: u8, reason: String },
     #[error("IPAM block {block} is inconsistent ({reason}); refusing to allocate from it")]

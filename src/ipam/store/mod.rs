@@ -321,6 +321,7 @@ impl Ipam {
     /// addresses only once both are written.
     pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<IpNet>, IpamError> {
         let _timer = self.activity.assign_seconds.start_timer();
+        self.node_exists()?;
         let owner = Owner {
             handle_id: req.handle.clone(),
             attrs: req.attrs.clone(),
@@ -453,6 +454,17 @@ impl Ipam {
         })
     }
 
+    /// Calico's IPAM reads the Node before assigning; here the view knows whether it was
+    /// deleted.
+    fn node_exists(&self) -> Result<(), IpamError> {
+        if self.with_view(|v| v.node_deleted) {
+            return Err(IpamError::NodeDeleted {
+                node: self.node.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Plans the next step for one family from the current view (no I/O).
     fn next_step(
         &self,
@@ -497,6 +509,7 @@ impl Ipam {
         attrs: BTreeMap<String, String>,
         use_: AllowedUse,
     ) -> Result<IpNet, IpamError> {
+        self.node_exists()?;
         let owner = Owner {
             handle_id: handle.to_string(),
             attrs,

@@ -43,6 +43,11 @@ pub struct View {
     pub limits: Limits,
     pub reservations: Reservations,
     pub node_labels: BTreeMap<String, String>,
+    /// This node's Node object was seen and is gone: nothing is assigned on a deleted node
+    /// (its daemon may live on until its pod is collected, and must not re-claim the blocks
+    /// the leader is freeing).
+    pub node_deleted: bool,
+    node_seen: bool,
     /// handle id → blocks holding at least one of its addresses (almost always one: a
     /// short vector, not a set, as there is one entry per pod).
     pub handles: BTreeMap<String, Vec<IpNet>>,
@@ -66,6 +71,22 @@ fn newer_or_equal(new: &str, old: &str) -> bool {
 impl View {
     pub fn new() -> View {
         View::default()
+    }
+
+    /// This node's Node object now: its labels, or None when there is none. A node never
+    /// seen (a CLI or test without a Node object) is not a deleted one.
+    pub fn set_node(&mut self, labels: Option<BTreeMap<String, String>>) {
+        match labels {
+            Some(l) => {
+                self.node_labels = l;
+                self.node_seen = true;
+                self.node_deleted = false;
+            }
+            None => {
+                self.node_labels.clear();
+                self.node_deleted = self.node_seen;
+            }
+        }
     }
 
     /// Records a block seen on a watch or returned by a write.
@@ -353,11 +374,9 @@ impl ViewHandle {
                     Api::<Node>::all(client),
                     watcher::Config::default().fields(&format!("metadata.name={node}")),
                     (view.clone(), ready, signals),
-                    |v, objs| {
-                        v.node_labels = objs.first().map(|n| n.labels().clone()).unwrap_or_default()
-                    },
-                    |v, n| v.node_labels = n.labels().clone(),
-                    |v, _| v.node_labels.clear(),
+                    |v, objs| v.set_node(objs.first().map(|n| n.labels().clone())),
+                    |v, n| v.set_node(Some(n.labels().clone())),
+                    |v, _| v.set_node(None),
                 ),
             ));
         }
@@ -494,10 +513,9 @@ fn spawn_follower(
                 .state()
                 .iter()
                 .find(|n| n.name_any() == node)
-                .map(|n| n.labels().clone())
-                .unwrap_or_default();
+                .map(|n| n.labels().clone());
             if seen_labels.as_ref() != Some(&labels) {
-                write(&view).node_labels = labels.clone();
+                write(&view).set_node(labels.clone());
                 seen_labels = Some(labels);
                 signals.changed("Node");
             }
@@ -575,6 +593,22 @@ mod tests {
             block,
             resource_version: rv.to_string(),
         }
+    }
+
+    #[test]
+    fn only_a_node_once_seen_counts_as_deleted() {
+        let mut v = View::new();
+        v.set_node(None);
+        assert!(
+            !v.node_deleted,
+            "no Node yet (CLI, tests) is not a deleted node"
+        );
+        v.set_node(Some(BTreeMap::from([("zone".into(), "a".into())])));
+        assert!(!v.node_deleted);
+        v.set_node(None);
+        assert!(v.node_deleted && v.node_labels.is_empty());
+        v.set_node(Some(BTreeMap::new()));
+        assert!(!v.node_deleted, "a re-created Node assigns again");
     }
 
     #[test]
