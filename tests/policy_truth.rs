@@ -314,6 +314,34 @@ async fn real_packets_match_the_oracle_and_the_golden_tables_on_one_node_and_acr
                          "ports": [{"port": 81, "protocol": "TCP"}, {"port": 81, "protocol": "UDP"}]}]
         })),
     ]).await?;
+    // Resolved against each destination's container ports, remote pods' too.
+    oracle_scenario(
+        &mut w,
+        &mut r,
+        "egress to a named port",
+        &[knp(
+            "x",
+            "out-web",
+            json!({
+                "podSelector": {}, "policyTypes": ["Egress"],
+                "egress": [{"ports": [{"port": "web"}]}]
+            }),
+        )],
+    )
+    .await?;
+    oracle_scenario(&mut w, &mut r, "ingress and egress with matchExpressions", &[knp("y", "both-ways", json!({
+        "podSelector": {"matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "DoesNotExist"}]}}]}],
+        "egress": [{"to": [{"namespaceSelector": {},
+                            "podSelector": {"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["a"]}]}}]}]
+    }))]).await?;
+    let block_a = node_block(&w, 0)?;
+    oracle_scenario(&mut w, &mut r, "egress ipBlock with except, UDP only", &[knp("z", "out-udp", json!({
+        "podSelector": {"matchLabels": {"pod": "c"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": nodes::cluster::POOL_CIDR, "except": [block_a]}}],
+                    "ports": [{"protocol": "UDP"}]}]
+    }))]).await?;
     label_changes(&mut w, &mut r).await?;
     open_connection(&mut w, &mut r).await?;
 
