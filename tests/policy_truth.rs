@@ -673,6 +673,9 @@ fn node_block(w: &World, i: usize) -> anyhow::Result<String> {
     Ok(block.to_string())
 }
 
+/// (pod, label key, new value or None to remove it).
+type Relabel<'a> = (&'a str, &'a str, Option<&'a str>);
+
 /// A pod moves in and out of a policy's selector (x/c becomes guarded) and of a rule's
 /// peer selector (y/c across nodes and z/a on x/c's node become clients), each step
 /// checked against the oracle with the pods' labels of that moment.
@@ -687,7 +690,7 @@ async fn label_changes(w: &mut World, r: &mut Report) -> anyhow::Result<()> {
         }),
     )];
     w.apply(&p).await?;
-    let steps: [(&str, &[(&str, &str, Option<&str>)]); 4] = [
+    let steps: [(&str, &[Relabel]); 4] = [
         (
             "x/c labelled guarded: into the policy's selector",
             &[("xc", "guarded", Some("yes"))],
@@ -820,6 +823,7 @@ async fn log_rule(w: &mut World, r: &mut Report) -> anyhow::Result<()> {
     let want = golden(w, &[(&CALICO_PROBES, &ALL_OPEN)]);
     let node = w.pod("xa").node;
     let xa = w.ip("xa").to_string();
+    let dst = format!("dst={xa} ");
     // All-allow holds before the policy is in force too: wait for its log lines.
     let logged = wait_for(|| {
         let _ = w.measure(&[Probe::Tcp(80)]);
@@ -828,13 +832,16 @@ async fn log_rule(w: &mut World, r: &mut Report) -> anyhow::Result<()> {
             .map(|d| d.log())
             .unwrap_or_default();
         log.lines()
-            .any(|l| l.contains("policy log") && l.contains("log-web") && l.contains(&xa))
+            .find(|l| l.contains("policy log") && l.contains("log-web") && l.contains(&dst))
+            .map(str::to_string)
     });
-    anyhow::ensure!(
-        logged.is_some(),
-        "no `policy log` line for x/log-web naming {xa}\n{}",
-        w.cluster.logs()
-    );
+    let Some((took, line)) = logged else {
+        anyhow::bail!(
+            "no `policy log` line for x/log-web naming {xa}\n{}",
+            w.cluster.logs()
+        );
+    };
+    eprintln!("Log: first line after {} ms: {line}", took.as_millis());
     let enforced = w.converge("Log (applied)", &want).await?;
     w.delete(&p).await?;
     let lifted = lift(w, "Log", &CALICO_PROBES).await?;
@@ -874,13 +881,12 @@ async fn staged_policy(w: &mut World, r: &mut Report) -> anyhow::Result<()> {
         text.lines()
             .find_map(|l| l.strip_prefix(metric))
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .is_some_and(|v| v > 0.0)
+            .filter(|v| *v > 0.0)
     });
-    anyhow::ensure!(
-        counted.is_some(),
-        "{metric} never counted\n{}",
-        w.cluster.logs()
-    );
+    let Some((took, packets)) = counted else {
+        anyhow::bail!("{metric} never counted\n{}", w.cluster.logs());
+    };
+    eprintln!("staged: {metric} = {packets} after {} ms", took.as_millis());
     let enforced = w.converge("staged (applied)", &want).await?;
     w.delete(&p).await?;
     let lifted = lift(w, "staged", &CALICO_PROBES).await?;
@@ -895,12 +901,13 @@ async fn staged_policy(w: &mut World, r: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Calls `check` until it holds or the deadline passes; how long it took.
-fn wait_for(mut check: impl FnMut() -> bool) -> Option<Duration> {
+/// Calls `check` until it finds something or the deadline passes; how long it took and
+/// what it found.
+fn wait_for<T>(mut check: impl FnMut() -> Option<T>) -> Option<(Duration, T)> {
     let t0 = Instant::now();
     while t0.elapsed() < truth::DEADLINE {
-        if tokio::task::block_in_place(&mut check) {
-            return Some(t0.elapsed());
+        if let Some(found) = tokio::task::block_in_place(&mut check) {
+            return Some((t0.elapsed(), found));
         }
         std::thread::sleep(Duration::from_millis(200));
     }

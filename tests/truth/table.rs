@@ -84,7 +84,7 @@ pub fn render(want: &Table, got: &Table, names: &[String], nodes: &[usize]) -> S
         out.push_str(&format!("{:width$}  expected   observed\n", ""));
         out.push_str(&format!("{:width$}  {ns_head}  {ns_head}\n", ""));
         out.push_str(&format!("{:width$}  {head}  {head}\n", ""));
-        for s in 0..n {
+        for (s, name) in names.iter().enumerate() {
             let (mut w, mut g) = (String::new(), String::new());
             for d in 0..n {
                 let key = (s, d, p);
@@ -97,7 +97,7 @@ pub fn render(want: &Table, got: &Table, names: &[String], nodes: &[usize]) -> S
                 w.push(wc);
                 g.push(gc);
             }
-            out.push_str(&format!("{:width$}  {w}  {g}\n", names[s]));
+            out.push_str(&format!("{name:width$}  {w}  {g}\n"));
         }
     }
     let diffs: Vec<String> = want
