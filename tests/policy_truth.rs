@@ -8,6 +8,8 @@
 // mismatch at the deadline fails and prints both tables with the differing cells marked.
 
 mod nodes;
+#[path = "policy_gen/mod.rs"]
+mod policy_gen;
 mod support;
 mod truth;
 
@@ -342,6 +344,7 @@ async fn real_packets_match_the_oracle_and_the_golden_tables_on_one_node_and_acr
         "egress": [{"to": [{"ipBlock": {"cidr": nodes::cluster::POOL_CIDR, "except": [block_a]}}],
                     "ports": [{"protocol": "UDP"}]}]
     }))]).await?;
+    random_policies(&mut w, &mut r).await?;
     label_changes(&mut w, &mut r).await?;
     open_connection(&mut w, &mut r).await?;
 
@@ -671,6 +674,38 @@ fn node_block(w: &World, i: usize) -> anyhow::Result<String> {
         );
     }
     Ok(block.to_string())
+}
+
+/// Random policy sets from the oracle test's generator (tests/policy_gen: the same
+/// namespaces x, y, z, pods a, b, c and labels as this world; its ipBlocks are outside the
+/// pool but for 0.0.0.0/0), each enforced by the two daemons and compared with the oracle.
+/// `TORTIE_TRUTH_SEED` picks another first seed, `TORTIE_TRUTH_SETS` another count (8).
+async fn random_policies(w: &mut World, r: &mut Report) -> anyhow::Result<()> {
+    let env = |k: &str, default: u64| -> u64 {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (seed0, sets) = (env("TORTIE_TRUTH_SEED", 4_000), env("TORTIE_TRUTH_SETS", 8));
+    let mut denying = 0;
+    for seed in seed0..seed0 + sets {
+        let policies = policy_gen::policies(seed);
+        let want = w.oracle(&policies, &K8S_PROBES)?;
+        denying += usize::from(want.values().any(|a| !a));
+        let name = format!("random policy set, seed {seed}");
+        scenario(w, r, &name, &policies, want).await.map_err(|e| {
+            e.context(format!(
+                "policies of seed {seed}: {}",
+                serde_json::to_string_pretty(&policies).unwrap_or_default()
+            ))
+        })?;
+    }
+    anyhow::ensure!(
+        denying * 2 > sets as usize,
+        "only {denying} of {sets} random sets deny anything: pick other seeds"
+    );
+    Ok(())
 }
 
 /// (pod, label key, new value or None to remove it).
