@@ -615,6 +615,102 @@ async fn real_packets_match_the_oracle_and_the_golden_tables_on_one_node_and_acr
         })),
     ], want).await?;
 
+    // x/b admits TCP on its named port `web` (81 on pods b) and 82; x/c TCP on any port
+    // but 81. Neither admits UDP.
+    let xb_closed: &[&str] = &[
+        "-.1 111 111",
+        "1-1 111 111",
+        "1.- 111 111",
+        "1.1 -11 111",
+        "1.1 1-1 111",
+        "1.1 11- 111",
+        "1.1 111 -11",
+        "1.1 111 1-1",
+        "1.1 111 11-",
+    ];
+    let xc_closed: &[&str] = &[
+        "-1. 111 111",
+        "1-. 111 111",
+        "11- 111 111",
+        "11. -11 111",
+        "11. 1-1 111",
+        "11. 11- 111",
+        "11. 111 -11",
+        "11. 111 1-1",
+        "11. 111 11-",
+    ];
+    let both_closed: &[&str] = &[
+        "-.. 111 111",
+        "1-. 111 111",
+        "1.- 111 111",
+        "1.. -11 111",
+        "1.. 1-1 111",
+        "1.. 11- 111",
+        "1.. 111 -11",
+        "1.. 111 1-1",
+        "1.. 111 11-",
+    ];
+    let want = golden(
+        &w,
+        &[
+            (&[Probe::Tcp(80)], xb_closed),
+            (&[Probe::Tcp(81)], xc_closed),
+            (&[Probe::Tcp(82)], &ALL_OPEN),
+            (&[Probe::Udp(80)], both_closed),
+        ],
+    );
+    scenario(&mut w, &mut r, "Calico named port, port and notPorts", &[
+        cnp("x", "b-web-82", json!({
+            "selector": "pod == 'b'", "types": ["Ingress"],
+            "ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": ["web", 82]}}]
+        })),
+        cnp("x", "c-not-81", json!({
+            "selector": "pod == 'c'", "types": ["Ingress"],
+            "ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"notPorts": [81]}}]
+        })),
+    ], want).await?;
+
+    // Pods c of every namespace admit only the addresses of a GlobalNetworkSet (y/b's).
+    let want = golden(
+        &w,
+        &[(
+            &CALICO_PROBES,
+            &[
+                "-1. 11. 11.",
+                "1-. 11. 11.",
+                "11- 11. 11.",
+                "11. -1. 11.",
+                "111 1-1 111",
+                "11. 11- 11.",
+                "11. 11. -1.",
+                "11. 11. 1-.",
+                "11. 11. 11-",
+            ],
+        )],
+    );
+    let partner = json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "GlobalNetworkSet",
+        "metadata": {"name": "partner", "labels": {"kind": "partner"}},
+        "spec": {"nets": [format!("{}/32", w.ip("yb"))]}
+    });
+    scenario(
+        &mut w,
+        &mut r,
+        "GlobalNetworkSet matched by a rule selector",
+        &[
+            partner,
+            gnp(
+                "c-from-partners",
+                json!({
+                    "selector": "pod == 'c'", "types": ["Ingress"],
+                    "ingress": [{"action": "Allow", "source": {"selector": "kind == 'partner'"}}]
+                }),
+            ),
+        ],
+        want,
+    )
+    .await?;
+
     log_rule(&mut w, &mut r).await?;
     staged_policy(&mut w, &mut r).await?;
 

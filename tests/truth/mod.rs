@@ -318,6 +318,8 @@ impl World {
                         let file = std::fs::File::open(&src.path).expect("pod netns");
                         nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                             .expect("setns into the source pod");
+                        // Hundreds of probes run at once: hold no descriptor longer than needed.
+                        drop(file);
                         ((si, di, p), probe::probe(p, src.ip, dst.ip, &dst.icmp))
                     })
                 })
