@@ -44,6 +44,8 @@ pub const PODS: [(&str, &[(&str, &str)]); 3] = [
 pub const TCP_PORTS: [u16; 3] = [80, 81, 82];
 pub const UDP_PORTS: [u16; 2] = [80, 81];
 pub const SCTP_PORTS: [u16; 2] = [80, 81];
+/// Both nodes' resync interval: longer than the whole test.
+const RESYNC_SECS: u64 = 900;
 /// How long a scenario may take to be enforced (or lifted) before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -117,7 +119,9 @@ impl World {
     pub async fn start(label: &str, sctp: bool) -> anyhow::Result<World> {
         let t0 = Instant::now();
         let oracle = tokio::task::spawn_blocking(oracle::binary).await?;
-        let cluster = Cluster::start(label, [2, 2]).await?;
+        // Resyncs far apart: every table must follow from the watches waking the
+        // calculation, none from a periodic full pass papering over a missed change.
+        let cluster = Cluster::start(label, [RESYNC_SECS, RESYNC_SECS]).await?;
         let client = cluster.cp.client();
         let mut namespaces = BTreeMap::new();
         for (ns, labels) in NAMESPACES {
