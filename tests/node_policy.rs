@@ -10,7 +10,7 @@ mod nodes;
 mod support;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -20,14 +20,14 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use nodes::cluster::{Cluster, NODE_NAMES, READY, create_pod};
 use nodes::{Daemon, DaemonOpts, Host};
 use support::process::Guarded;
-use support::{ControlPlane, NetNs, veth_pair};
+use support::{ControlPlane, NetNs};
 use tortie::api::ippool::EncapMode;
 use tortie::api::{IPPool, IPPoolSpec};
 use tortie::cni::plumbing::host_veth_name;
 
-const READY: Duration = Duration::from_secs(90);
 /// The resync interval node-a runs with (90 s in production): drift is repaired within it.
 const RESYNC_SECS: u64 = 2;
 /// node-b's: far longer than any wait below, so whatever node-b learns about pods (new
@@ -35,17 +35,8 @@ const RESYNC_SECS: u64 = 2;
 const SLOW_RESYNC_SECS: u64 = 600;
 /// Every pod serves TCP here.
 const PORT: u16 = 8080;
-const NAMES: [&str; 2] = ["node-a", "node-b"];
-const VNET: [&str; 2] = ["172.31.79.1/24", "172.31.79.2/24"];
 /// A denied connection is given this long (no SYN retransmit happens within it).
 const DENIED_WAIT: Duration = Duration::from_millis(800);
-
-struct Cluster {
-    cp: ControlPlane,
-    hosts: [Host; 2],
-    dirs: [tempfile::TempDir; 2],
-    daemons: [Option<Daemon>; 2],
-}
 
 /// A pod plumbed by the CNI: its namespace, address, and the server it runs on PORT.
 struct TestPod {
@@ -55,158 +46,31 @@ struct TestPod {
     _server: Server,
 }
 
-impl Cluster {
-    async fn start() -> anyhow::Result<Cluster> {
-        let hosts = [Host::new("np-a")?, Host::new("np-b")?];
-        veth_pair(&hosts[0].ns, "eth0", &hosts[1].ns, "eth0")?;
-        for (h, ip) in hosts.iter().zip(VNET) {
-            h.ns.exec_ok(&["ip", "addr", "add", ip, "dev", "eth0"])?;
-            h.ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        }
-        hosts[1].route_to(hosts[0].root_ip)?;
-        let cp = ControlPlane::start_on(hosts[0].root_ip.into()).await?;
-        for name in NAMES {
-            cp.create_node(name, &[]).await?;
-        }
-        cp.create_namespace("open").await?;
-        let pool = IPPool::new(
-            "default-pool",
-            IPPoolSpec {
-                cidr: "10.245.0.0/16".into(),
-                block_size: Some(26),
-                vxlan_mode: EncapMode::Always,
-                ..Default::default()
-            },
-        );
-        Api::<IPPool>::all(cp.client())
-            .create(&PostParams::default(), &pool)
-            .await
-            .context("create pool")?;
-        let mut c = Cluster {
-            cp,
-            hosts,
-            dirs: [tempfile::tempdir()?, tempfile::tempdir()?],
-            daemons: [None, None],
-        };
-        c.start_daemon(0);
-        c.start_daemon(1);
-        for i in 0..2 {
-            c.daemon(i).wait_readiness(READY, |code, _| code == 200);
-        }
-        Ok(c)
-    }
-
-    /// Policy is not switched on here: it is the default.
-    fn start_daemon(&mut self, i: usize) {
-        self.start_daemon_with(i, &[]);
-    }
-
-    fn start_daemon_with(&mut self, i: usize, extra: &[(&'static str, &str)]) {
-        let mut env = vec![
-            ("IP_AUTODETECTION_METHOD", "interface=eth0".into()),
-            (
-                "TORTIE_RESYNC_INTERVAL",
-                [RESYNC_SECS, SLOW_RESYNC_SECS][i].to_string(),
-            ),
-        ];
-        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
-        let d = Daemon::start(
-            &self.hosts[i],
-            self.dirs[i].path(),
-            DaemonOpts {
-                kubeconfig: self.cp.kubeconfig_path(),
-                node_name: NAMES[i],
-                env,
-            },
-        );
-        self.daemons[i] = Some(d);
-    }
-
-    fn daemon(&mut self, i: usize) -> &mut Daemon {
-        self.daemons[i].as_mut().expect("daemon running")
-    }
-
-    fn ns(&self, i: usize) -> &NetNs {
-        &self.hosts[i].ns
-    }
-
-    fn logs(&self) -> String {
-        self.daemons
-            .iter()
-            .flatten()
-            .zip(NAMES)
-            .map(|(d, n)| format!("--- {n} ---\n{}", tail(&d.log(), 40)))
-            .collect()
-    }
-
-    /// Creates the Pod (bound to node `i`, with `labels`), then its ADD through cnitool;
-    /// returns once ADD answered, with the pod serving TCP on PORT.
-    async fn pod(
-        &self,
-        i: usize,
-        namespace: &str,
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> anyhow::Result<TestPod> {
-        create_pod(&self.cp.client(), namespace, name, NAMES[i], labels).await?;
-        let netns = NetNs::new(&format!("np-{name}"))?;
-        let ip = self.add(i, namespace, name, &netns.path()).await?;
-        let server = Server::start(&netns)?;
-        Ok(TestPod {
-            name: format!("{namespace}/{name}"),
-            netns,
-            ip,
-            _server: server,
-        })
-    }
-
-    async fn add(
-        &self,
-        i: usize,
-        namespace: &str,
-        pod: &str,
-        netns: &Path,
-    ) -> anyhow::Result<String> {
-        let dir = self.dirs[i].path();
-        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}");
-        let out =
-            support::cni::run_cnitool(&dir.join("bin"), &dir.join("net.d"), "add", &args, netns)
-                .await?;
-        anyhow::ensure!(out.ok, "cnitool add {pod}: {} {}", out.stdout, out.stderr);
-        let addr = out.json()["ips"][0]["address"]
-            .as_str()
-            .with_context(|| format!("no address for {pod}: {}", out.stdout))?
-            .trim_end_matches("/32")
-            .to_string();
-        Ok(addr)
-    }
+async fn start_cluster() -> anyhow::Result<Cluster> {
+    let c = Cluster::start("np", [RESYNC_SECS, SLOW_RESYNC_SECS]).await?;
+    c.cp.create_namespace("open").await?;
+    Ok(c)
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-async fn create_pod(
-    client: &Client,
+/// Creates the Pod (bound to node `i`, with `labels`), then its ADD through cnitool;
+/// returns once ADD answered, with the pod serving TCP on PORT.
+async fn pod(
+    c: &Cluster,
+    i: usize,
     namespace: &str,
     name: &str,
-    node: &str,
     labels: &[(&str, &str)],
-) -> anyhow::Result<()> {
-    let labels: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
-        .collect();
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "pause"}]}
-    }))?;
-    Api::<Pod>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &pod)
-        .await
-        .with_context(|| format!("create pod {namespace}/{name}"))?;
-    Ok(())
+) -> anyhow::Result<TestPod> {
+    create_pod(&c.cp.client(), namespace, name, NODE_NAMES[i], labels).await?;
+    let netns = NetNs::new(&format!("np-{name}"))?;
+    let ip = c.add(i, namespace, name, &netns.path()).await?;
+    let server = Server::start(&netns)?;
+    Ok(TestPod {
+        name: format!("{namespace}/{name}"),
+        netns,
+        ip,
+        _server: server,
+    })
 }
 
 async fn relabel(client: &Client, name: &str, role: &str) -> anyhow::Result<()> {
@@ -372,7 +236,7 @@ fn antispoof_drops(ns: &NetNs) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() -> anyhow::Result<()>
 {
-    let mut c = Cluster::start().await?;
+    let mut c = start_cluster().await?;
     let client = c.cp.client();
     // Policies first: every pod below is created under them.
     apply_policy(
@@ -405,22 +269,14 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
     .await?;
 
     // ---- (a) same-node and cross-node decisions ------------------------------------------
-    let server_a = c
-        .pod(0, "default", "server-a", &[("app", "server")])
-        .await?;
-    let server_b = c
-        .pod(1, "default", "server-b", &[("app", "server")])
-        .await?;
-    let client_a = c
-        .pod(0, "default", "client-a", &[("role", "client")])
-        .await?;
-    let client_b = c
-        .pod(1, "default", "client-b", &[("role", "client")])
-        .await?;
-    let other_a = c.pod(0, "default", "other-a", &[("role", "other")]).await?;
-    let other_b = c.pod(1, "default", "other-b", &[("role", "other")]).await?;
-    let sink_a = c.pod(0, "open", "sink-a", &[]).await?;
-    let sink_b = c.pod(1, "open", "sink-b", &[]).await?;
+    let server_a = pod(&c, 0, "default", "server-a", &[("app", "server")]).await?;
+    let server_b = pod(&c, 1, "default", "server-b", &[("app", "server")]).await?;
+    let client_a = pod(&c, 0, "default", "client-a", &[("role", "client")]).await?;
+    let client_b = pod(&c, 1, "default", "client-b", &[("role", "client")]).await?;
+    let other_a = pod(&c, 0, "default", "other-a", &[("role", "other")]).await?;
+    let other_b = pod(&c, 1, "default", "other-b", &[("role", "other")]).await?;
+    let sink_a = pod(&c, 0, "open", "sink-a", &[]).await?;
+    let sink_b = pod(&c, 1, "open", "sink-b", &[]).await?;
 
     // Remote pods' addresses reach the other node through the Pod watch (Calico's pod IP
     // annotations, written right after ADD): cross-node allows converge within seconds.
@@ -472,9 +328,7 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
         Capture::start(&sink_a.netns)?,
         Capture::start(&sink_b.netns)?,
     ];
-    let silent = c
-        .pod(0, "default", "silent-a", &[("role", "silent")])
-        .await?;
+    let silent = pod(&c, 0, "default", "silent-a", &[("role", "silent")]).await?;
     // Right after ADD returned: TCP to both sinks, and a ping.
     let escaped_tcp = [&sink_a, &sink_b]
         .iter()
@@ -505,9 +359,7 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
 
     // An allowed pod's very first connection, right after ADD: same node without any
     // retransmission; across nodes once the other node has its address.
-    let fresh = c
-        .pod(0, "default", "client-a2", &[("role", "client")])
-        .await?;
+    let fresh = pod(&c, 0, "default", "client-a2", &[("role", "client")]).await?;
     let t0 = Instant::now();
     let first_local = connects(&fresh.netns, &server_a.ip, Duration::from_millis(900));
     let local_ms = t0.elapsed().as_millis();

@@ -7,90 +7,51 @@
 
 #[path = "policy_gen/mod.rs"]
 mod policy_gen;
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy_gen::{NAMESPACES, PODS, PORTS, PROTOCOLS, cluster, container_ports, labels, pod_ip};
-use serde_json::{Value, json};
+use serde_json::Value;
+use support::oracle::{self, Cell};
 use tortie::policy::cluster::build_model;
 use tortie::policy::{Flow, Protocol, evaluate};
 
 const CASES: u64 = 300;
-fn oracle() -> PathBuf {
-    if let Some(p) = std::env::var_os("TORTIE_POLICY_ORACLE") {
-        return PathBuf::from(p);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/oracle/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/oracle/build.sh");
-    assert!(out.status.success(), "scripts/oracle/build.sh failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-#[derive(serde::Deserialize, Debug, PartialEq)]
-struct Cell {
-    from: String,
-    to: String,
-    port: u16,
-    protocol: String,
-    ingress: bool,
-    egress: bool,
-    allowed: bool,
-}
 
 fn oracle_cells(oracle: &Path, dir: &Path, policies: &[Value]) -> Vec<Cell> {
-    let pol_dir = dir.join("policies");
-    let _ = std::fs::remove_dir_all(&pol_dir);
-    std::fs::create_dir_all(&pol_dir).unwrap();
-    for (i, p) in policies.iter().enumerate() {
-        std::fs::write(pol_dir.join(format!("{i}.json")), p.to_string()).unwrap();
-    }
-    let mut namespaces = serde_json::Map::new();
-    for (ns, l) in NAMESPACES {
-        namespaces.insert(ns.into(), json!(labels(l)));
-    }
+    let namespaces: BTreeMap<String, BTreeMap<String, String>> = NAMESPACES
+        .iter()
+        .map(|(ns, l)| (ns.to_string(), labels(l)))
+        .collect();
     let mut pods = Vec::new();
     for (ni, (ns, _)) in NAMESPACES.iter().enumerate() {
         for (pi, (pod, l)) in PODS.iter().enumerate() {
-            let ports: Vec<Value> = container_ports(pod)
-                .into_iter()
-                .map(|(name, port, proto)| json!({"name": name, "port": port, "protocol": proto}))
-                .collect();
-            pods.push(json!({"namespace": ns, "name": pod, "ip": pod_ip(ni, pi), "labels": labels(l), "ports": ports}));
+            pods.push(oracle::Pod {
+                namespace: ns.to_string(),
+                name: pod.to_string(),
+                ip: pod_ip(ni, pi),
+                labels: labels(l),
+                ports: container_ports(pod)
+                    .into_iter()
+                    .map(|(name, port, proto)| (name, port, proto.to_string()))
+                    .collect(),
+            });
         }
     }
-    let probes: Vec<Value> = PROTOCOLS
+    let probes: Vec<(u16, &str)> = PROTOCOLS
         .iter()
-        .flat_map(|proto| {
-            PORTS
-                .iter()
-                .map(move |port| json!({"port": port, "protocol": proto}))
-        })
+        .flat_map(|proto| PORTS.iter().map(move |port| (*port, *proto)))
         .collect();
-    let input =
-        json!({"policiesDir": pol_dir, "namespaces": namespaces, "pods": pods, "probes": probes});
-    let input_path = dir.join("input.json");
-    std::fs::write(&input_path, input.to_string()).unwrap();
-    let out = Command::new(oracle)
-        .arg(&input_path)
-        .output()
-        .expect("run oracle");
-    assert!(
-        out.status.success(),
-        "oracle failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("oracle output line"))
-        .collect()
+    let world = oracle::World {
+        namespaces: &namespaces,
+        pods: &pods,
+        probes: &probes,
+    };
+    oracle::cells(oracle, dir, policies, &world).expect("oracle")
 }
 
 fn tortie_cells(policies: &[Value]) -> Vec<Cell> {
@@ -135,7 +96,7 @@ fn tortie_cells(policies: &[Value]) -> Vec<Cell> {
 
 #[test]
 fn evaluator_matches_cyclonus_on_random_kubernetes_policies() {
-    let oracle = oracle();
+    let oracle = oracle::binary();
     let dir = tempfile::tempdir().unwrap();
     let seed0: u64 = std::env::var("TORTIE_ORACLE_SEED")
         .ok()

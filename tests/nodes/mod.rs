@@ -18,6 +18,8 @@ use nix::unistd::Pid;
 
 use super::support::{NetNs, veth_to_root};
 
+pub mod cluster;
+
 pub const HEALTH_PORT: u16 = 9099;
 pub const METRICS_PORT: u16 = 9091;
 

@@ -9,6 +9,7 @@ pub mod controlplane;
 pub mod credentials;
 pub mod manifest;
 pub mod netns;
+pub mod oracle;
 pub mod pods;
 pub mod pools;
 pub mod process;
