@@ -259,6 +259,13 @@ async fn explain_counters_show_the_live_counters_of_the_rules_on_the_path() {
     host.ns
         .exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         .unwrap();
+    // Proxy ARP answers for the pods' gateway 169.254.1.1 only with a route to it through
+    // another link: an uplink namespace's (the node has only its API link otherwise).
+    let uplink = NetNs::new("pexcntup").unwrap();
+    support::veth_pair(&host.ns, "up0", &uplink, "eth0").unwrap();
+    host.ns
+        .exec_ok(&["ip", "route", "add", "169.254.1.1/32", "dev", "up0"])
+        .unwrap();
     let mut pods = Vec::new();
     for (name, ip) in [("web", "10.0.0.1"), ("db", "10.0.0.2")] {
         let p = NetNs::new(&format!("pexcnt{name}")).unwrap();
@@ -280,7 +287,13 @@ async fn explain_counters_show_the_live_counters_of_the_rules_on_the_path() {
     let before = packets(&doc, allow).unwrap_or_else(|| panic!("no {allow}: {out}"));
     assert_eq!(before, 0, "{out}");
     for _ in 0..3 {
-        assert!(connect(&pods[0], "10.0.0.2", 8080), "allowed flow failed");
+        assert!(
+            connect(&pods[0], "10.0.0.2", 8080),
+            "allowed flow failed:\n{}",
+            host.ns
+                .exec_ok(&["nft", "list", "ruleset"])
+                .unwrap_or_default()
+        );
     }
     let (_, doc, out) = explain_on_node(&host.ns, &cp, "8080/tcp");
     // Each connection's first packet (the SYN) is decided by the rule; the rest of the

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::desired::nft::{Chain, Element, Map, RULE_COMMENT_PREFIX, Set, Table};
+use crate::desired::nft::{Chain, Element, Map, RULE_COMMENT_PREFIX, Table};
 
 /// The script replacing the whole table in one transaction: `add` makes the `delete` valid
 /// when the table is absent (nft 1.0.6 has no `destroy`), and the kernel applies all or none.
@@ -302,7 +302,7 @@ fn join<'a>(elements: impl Iterator<Item = &'a Element>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::nft::{Family, Hook, Rule};
+    use crate::desired::nft::{Family, Hook, Rule, Set};
 
     fn table(pools: &[&str], rules: &[&str]) -> Table {
         let mut t = Table::new(Family::Inet, "t");
