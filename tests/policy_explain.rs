@@ -239,22 +239,24 @@ async fn explain_counters_show_the_live_counters_of_the_rules_on_the_path() {
 
     // The node: the table the daemon computes for node-1 from the API's objects, and the
     // pods on veths named as tortie's CNI names them.
-    let mut objects = ClusterObjects::default();
-    objects.namespaces = Api::<Namespace>::all(client.clone())
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items;
-    objects.pods = Api::<Pod>::all(client.clone())
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items;
-    objects.k8s_policies = Api::<K8sNetworkPolicy>::all(client.clone())
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items;
+    let objects = ClusterObjects {
+        namespaces: Api::<Namespace>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items,
+        pods: Api::<Pod>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items,
+        k8s_policies: Api::<K8sNetworkPolicy>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items,
+        ..ClusterObjects::default()
+    };
     let plan = tortie::calc::policy::policy_plan(&objects, "node-1", &Default::default());
     host.ns
         .exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
