@@ -282,7 +282,8 @@ async fn explain_counters_show_the_live_counters_of_the_rules_on_the_path() {
     serve(&pods[1], "10.0.0.2", 8080);
     serve(&pods[1], "10.0.0.2", 9090);
 
-    let allow = "pi-knp.prod.db-from-web/0/allow";
+    // Allow rules count in anonymous counters, read from their chain.
+    let allow = "pi-knp.prod.db-from-web rule 0";
     let eot = format!("tw-{}/end-of-tier", host_veth_name("prod", "db"));
     let (code, doc, out) = explain_on_node(&host.ns, &cp, "8080/tcp");
     assert_eq!(code, 0, "{out}");

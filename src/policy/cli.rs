@@ -6,7 +6,6 @@
 //!
 //! Exit codes: 0 allowed; 1 denied; 2 cannot answer (kubeconfig, API error, unknown pod).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -151,16 +150,32 @@ fn read_path_counters(
     v: &super::eval::Verdict,
 ) -> Result<Vec<super::explain::PathCounter>, CliError> {
     use super::compile::{FAMILY, TABLE};
-    let values: BTreeMap<String, (u64, u64)> = crate::dataplane::nft::counters::read(FAMILY, TABLE)
-        .map_err(CliError::Counters)?
-        .into_iter()
-        .map(|c| (c.name, (c.packets, c.bytes)))
-        .collect();
+    use crate::dataplane::nft::counters;
+    let mut values = super::explain::CounterValues {
+        named: counters::read(FAMILY, TABLE)
+            .map_err(CliError::Counters)?
+            .into_iter()
+            .map(|c| (c.name, (c.packets, c.bytes)))
+            .collect(),
+        ..Default::default()
+    };
     let iface = |endpoint: &str| {
         let (ns, pod) = endpoint.split_once('/').unwrap_or(("", endpoint));
         crate::cni::plumbing::host_veth_name(ns, pod)
     };
     let mut path = super::explain::path_counters(model, v, iface);
+    let runner = crate::dataplane::nft::Runner::default();
+    for chain in super::explain::chains_to_list(&path) {
+        let rules = counters::chain_counters(&runner, FAMILY, TABLE, &chain)
+            .map_err(|e| CliError::Usage(format!("reading chain {chain}: {e}")))?;
+        if !rules.is_empty() {
+            let by_id = rules
+                .into_iter()
+                .map(|r| (r.id, (r.packets, r.bytes)))
+                .collect();
+            values.chains.insert(chain, by_id);
+        }
+    }
     super::explain::fill(&mut path, &values);
     Ok(path)
 }

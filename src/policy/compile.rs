@@ -15,9 +15,12 @@
 //! ports are `addr . proto . port` sets, multi-valued nets and ports are named sets, and no
 //! rule carries an anonymous set.
 //!
-//! Every policy rule, end of tier, staged audit and fixed drop counts into a named counter
-//! object named after its chain (`<chain>/<rule>/<action>`, `<chain>/end-of-tier`, …; see
-//! `CounterName`), so counters survive chain rewrites and are read without listing rules.
+//! Every Deny rule, end of tier, staged audit and fixed drop counts into a named counter
+//! object named after its chain (`<chain>/<rule>/deny`, `<chain>/end-of-tier`, …; see
+//! `CounterName`): what the per-policy metrics read, without listing rules, and what survives
+//! chain rewrites. Allow, Pass and Log rules count in anonymous counters (read by `tortie
+//! policy explain --counters` from their chain): every named object is in the cache each
+//! `nft` run fills before it adds a rule, so they are kept to what is read often.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -593,6 +596,26 @@ impl<'a> Compiler<'a> {
         name
     }
 
+    /// The nft rules of each model rule of a policy in one direction, in chain order (an
+    /// empty list for a rule that cannot match): how a listing of the chain maps back to
+    /// model rules.
+    pub fn policy_rules(p: &Policy, dir: Direction) -> Vec<Vec<NftRule>> {
+        let mut c = Compiler::new(&[], &[]);
+        let chain = policy_chain_name(&p.id, dir);
+        p.rules(dir)
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let comment = format!("{} {dir} rule {i}", p.id.display_name());
+                let counter = CounterName::rule(&chain, i, r.action);
+                c.rule(r, &comment, &counter, p.id.kind.is_staged())
+                    .into_iter()
+                    .map(NftRule::new)
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The chain of one policy in one direction (shared by every group that holds it).
     pub fn policy_chain(&mut self, p: &Policy, dir: Direction) -> String {
         let name = policy_chain_name(&p.id, dir);
@@ -633,9 +656,12 @@ impl<'a> Compiler<'a> {
                 crate::dataplane::nflog::GROUP
             ),
         };
-        // Every nft rule of a model rule (per family, per alternative) counts into one
-        // counter: the model rule's.
-        let verdict = counted(counter, &verdict);
+        // Every nft rule of a Deny model rule (per family, per alternative) counts into one
+        // named counter: the model rule's.
+        let verdict = match r.action {
+            Action::Deny => counted(counter, &verdict),
+            _ => format!("counter {verdict}"),
+        };
         let mut per_family: Vec<(u8, Vec<String>)> = Vec::new();
         for fam in [4u8, 6] {
             if m.ip_version.is_some_and(|v| v != fam) {
@@ -1136,9 +1162,18 @@ mod tests {
             !pi.iter().any(|r| r.contains('{')),
             "no anonymous sets: {pi:?}"
         );
-        // Both families' nft rules of model rule 0 count into its one counter.
-        let counted = "counter name \"pi-np.prod.web-in/0/allow\" meta mark set";
-        assert!(pi.iter().all(|r| r.contains(counted)), "{pi:?}");
+        // Allow rules count in anonymous counters; the chain's rules are what
+        // `policy_rules` says model rule 0 gives.
+        assert!(
+            pi.iter().all(|r| r.contains(" counter meta mark set")),
+            "{pi:?}"
+        );
+        let m = model("db", false);
+        let web_in = m.policies.iter().find(|p| p.id.name == "web-in").unwrap();
+        let groups = Compiler::policy_rules(web_in, Direction::Ingress);
+        assert_eq!(groups.len(), 1);
+        let texts: Vec<&str> = groups[0].iter().map(|r| r.text.as_str()).collect();
+        assert_eq!(texts, pi);
     }
 
     #[test]

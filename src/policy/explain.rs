@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::compile::{
-    CounterName, END_OF_TIER, WOULD_DENY, endpoint_chain_name, policy_chain_name, staged_chain_name,
+    Compiler, CounterName, END_OF_TIER, WOULD_DENY, endpoint_chain_name, policy_chain_name,
+    staged_chain_name,
 };
 use super::diagnostic::Diagnostic;
 use super::eval::{Decision, DirectionVerdict, Verdict};
@@ -20,11 +21,31 @@ pub struct PathCounter {
     pub endpoint: String,
     /// What it counts, in the words of the verdict (`prod/x rule 0 (Allow)`, `end of tier`).
     pub what: String,
-    /// The counter object's name in `inet tortie-policy`.
+    /// The named counter object in `inet tortie-policy`; for Allow, Pass and Log rules,
+    /// which count in anonymous counters, `<chain> rule <n>`.
     pub counter: String,
-    /// None when this node's table has no such counter (the endpoint is on another node).
+    /// None when this node's table does not have it (the endpoint is on another node).
     pub packets: Option<u64>,
     pub bytes: Option<u64>,
+    #[serde(skip)]
+    pub source: CounterSource,
+}
+
+/// Where a path counter's values are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CounterSource {
+    /// A named counter object.
+    Named(String),
+    /// The anonymous counters of these rules (by rule id) of one chain, summed.
+    Rules { chain: String, ids: Vec<String> },
+}
+
+/// Counter values as read from a node's table: named objects by name, and the anonymous
+/// counters of listed chains by chain and rule id.
+#[derive(Debug, Default)]
+pub struct CounterValues {
+    pub named: BTreeMap<String, (u64, u64)>,
+    pub chains: BTreeMap<String, BTreeMap<String, (u64, u64)>>,
 }
 
 /// The counters of the rules that decided each direction, the Log rules the flow hit, the
@@ -38,7 +59,7 @@ pub fn path_counters(
     let mut out = Vec::new();
     for d in [&v.egress, &v.ingress].into_iter().flatten() {
         let dir = d.direction;
-        let mut push = |what: String, counter: String| {
+        let mut push = |what: String, counter: String, source: CounterSource| {
             out.push(PathCounter {
                 direction: dir.to_string(),
                 endpoint: d.endpoint.clone(),
@@ -46,17 +67,28 @@ pub fn path_counters(
                 counter,
                 packets: None,
                 bytes: None,
+                source,
             })
         };
-        let find = |list: &'_ [Policy], name: &str| -> Option<String> {
-            list.iter()
-                .find(|p| p.id.display_name() == name)
-                .map(|p| policy_chain_name(&p.id, dir))
+        let find = |name: &str| model.policies.iter().find(|p| p.id.display_name() == name);
+        let mut rule_counter = |p: &Policy, rule: usize, action: Action| {
+            let chain = policy_chain_name(&p.id, dir);
+            let what = format!("{} rule {rule} ({action:?})", p.id.display_name());
+            if action == Action::Deny {
+                let name = CounterName::rule(&chain, rule, action);
+                push(what, name.clone(), CounterSource::Named(name));
+                return;
+            }
+            let ids = Compiler::policy_rules(p, dir)
+                .get(rule)
+                .map(|rules| rules.iter().map(|r| r.id()).collect())
+                .unwrap_or_default();
+            let counter = format!("{chain} rule {rule}");
+            push(what, counter, CounterSource::Rules { chain, ids });
         };
         for (policy, rule) in &d.logged {
-            if let Some(chain) = find(&model.policies, policy) {
-                let what = format!("{policy} rule {rule} (Log)");
-                push(what, CounterName::rule(&chain, *rule, Action::Log));
+            if let Some(p) = find(policy) {
+                rule_counter(p, *rule, Action::Log);
             }
         }
         let decided = match &d.decision {
@@ -69,36 +101,60 @@ pub fn path_counters(
             _ => None,
         };
         if let Some((policy, rule, action)) = decided
-            && let Some(chain) = find(&model.policies, policy)
+            && let Some(p) = find(policy)
         {
-            let what = format!("{policy} rule {rule} ({action:?})");
-            push(what, CounterName::rule(&chain, rule, action));
+            rule_counter(p, rule, action);
         }
         let iface = iface(&d.endpoint);
         if matches!(d.decision, Decision::EndOfTier { .. }) {
             let chain = endpoint_chain_name(&iface, dir);
+            let name = CounterName::fixed(&chain, END_OF_TIER);
             push(
                 "end of tier".into(),
-                CounterName::fixed(&chain, END_OF_TIER),
+                name.clone(),
+                CounterSource::Named(name),
             );
         }
         for staged in &d.staged_would_deny {
             if let Some(p) = model.staged.iter().find(|p| &p.id.display_name() == staged) {
                 let chain = staged_chain_name(&iface, &p.id, dir);
                 let what = format!("staged {staged} would deny (new flows)");
-                push(what, CounterName::fixed(&chain, WOULD_DENY));
+                let name = CounterName::fixed(&chain, WOULD_DENY);
+                push(what, name.clone(), CounterSource::Named(name));
             }
         }
     }
     out
 }
 
-/// Fills in the values read from the node's table (`name` → packets, bytes).
-pub fn fill(counters: &mut [PathCounter], values: &BTreeMap<String, (u64, u64)>) {
+/// The chains whose rule listings `fill` needs.
+pub fn chains_to_list(counters: &[PathCounter]) -> Vec<String> {
+    let mut out: Vec<String> = counters
+        .iter()
+        .filter_map(|c| match &c.source {
+            CounterSource::Rules { chain, .. } => Some(chain.clone()),
+            CounterSource::Named(_) => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Fills in the values read from the node's table.
+pub fn fill(counters: &mut [PathCounter], values: &CounterValues) {
     for c in counters {
-        if let Some((p, b)) = values.get(&c.counter) {
-            c.packets = Some(*p);
-            c.bytes = Some(*b);
+        let got = match &c.source {
+            CounterSource::Named(name) => values.named.get(name).copied(),
+            CounterSource::Rules { chain, ids } => values.chains.get(chain).map(|rules| {
+                ids.iter()
+                    .filter_map(|id| rules.get(id))
+                    .fold((0, 0), |(p, b), (rp, rb)| (p + rp, b + rb))
+            }),
+        };
+        if let Some((p, b)) = got {
+            c.packets = Some(p);
+            c.bytes = Some(b);
         }
     }
 }

@@ -2,10 +2,14 @@
 //! `NFT_MSG_GETOBJ` dump over nfnetlink, filtered by table and type in the kernel. No rule,
 //! chain or set is listed, and no `nft` process is started, so a read stays cheap at any
 //! number of policies. Sans-IO request and decoder plus one call in the calling thread's
-//! network namespace.
+//! network namespace. Also the anonymous counters of one chain's rules (`chain_counters`),
+//! for the occasional look at a single chain.
 
+use serde_json::Value;
+
+use super::run::{NftError, Runner};
 use crate::dataplane::nfnetlink::{self as nl, NfnlError, Request, Socket};
-use crate::desired::nft::Family;
+use crate::desired::nft::{Family, RULE_COMMENT_PREFIX};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
@@ -204,6 +208,69 @@ fn table_exists(socket: &mut Socket, family: Family, table: &str) -> Result<bool
     }
 }
 
+/// One rule's anonymous counter, by the rule id tortie wrote as its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleCounter {
+    pub id: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The counters of the rules of one chain (`nft -j list chain`); empty when the chain (or
+/// table) does not exist.
+pub fn chain_counters(
+    runner: &Runner,
+    family: Family,
+    table: &str,
+    chain: &str,
+) -> Result<Vec<RuleCounter>, NftError> {
+    const ACTION: &str = "list a chain's rule counters";
+    let args = ["-j", "list", "chain", family.as_str(), table, chain];
+    let out = match runner.run(ACTION, &args, None) {
+        Ok(out) => out,
+        Err(e) if e.is_missing() => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let listing: Value = serde_json::from_slice(&out).map_err(|source| NftError::Parse {
+        action: ACTION,
+        source,
+    })?;
+    Ok(parse_rule_counters(&listing))
+}
+
+/// Every rule with tortie's comment and a counter statement, in listing order.
+pub fn parse_rule_counters(listing: &Value) -> Vec<RuleCounter> {
+    let objects = listing
+        .get("nftables")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for rule in objects.iter().filter_map(|o| o.get("rule")) {
+        let Some(id) = rule
+            .get("comment")
+            .and_then(Value::as_str)
+            .and_then(|c| c.strip_prefix(RULE_COMMENT_PREFIX))
+        else {
+            continue;
+        };
+        let counter = rule
+            .get("expr")
+            .and_then(Value::as_array)
+            .and_then(|e| e.iter().find_map(|x| x.get("counter")));
+        let Some(counter) = counter else {
+            continue;
+        };
+        let num = |k: &str| counter.get(k).and_then(Value::as_u64).unwrap_or(0);
+        out.push(RuleCounter {
+            id: id.to_string(),
+            packets: num("packets"),
+            bytes: num("bytes"),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +293,28 @@ mod tests {
         .end()
         .attr(NFTA_OBJ_HANDLE, &7u64.to_be_bytes())
         .finish()
+    }
+
+    #[test]
+    fn rule_counters_are_read_by_rule_id() {
+        let listing = serde_json::json!({"nftables": [
+            {"metainfo": {"json_schema_version": 1}},
+            {"chain": {"name": "pi-knp.prod.web"}},
+            {"rule": {"chain": "pi-knp.prod.web", "handle": 12, "comment": "tortie:ab", "expr": [
+                {"counter": {"packets": 3, "bytes": 180}}, {"accept": null}]}},
+            {"rule": {"chain": "pi-knp.prod.web", "handle": 13, "expr": [
+                {"counter": {"packets": 1, "bytes": 1}}]}},
+            {"rule": {"chain": "pi-knp.prod.web", "handle": 14, "comment": "tortie:cd",
+                      "expr": [{"accept": null}]}},
+        ]});
+        assert_eq!(
+            parse_rule_counters(&listing),
+            vec![RuleCounter {
+                id: "ab".into(),
+                packets: 3,
+                bytes: 180
+            }]
+        );
     }
 
     #[test]
