@@ -102,6 +102,7 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
                 calc.set_overrides(&overrides);
                 calc.sync(&snapshot);
                 let touched = calc.take_touched();
+                let changed = full || !touched.is_empty();
                 let calc_ms = ms(t);
                 let t = std::time::Instant::now();
                 let r = if full {
@@ -109,19 +110,20 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
                 } else {
                     driver.reconcile_changed(calc.table(), &touched.sets, &touched.chains)
                 };
-                (calc, driver, r, snapshot, (calc_ms, ms(t)))
+                (calc, driver, r, snapshot, changed, (calc_ms, ms(t)))
             })
             .await;
             let result = match joined {
-                Ok((c, d, r, snapshot, (calc_ms, nft_ms))) => {
+                Ok((c, d, r, snapshot, changed, (calc_ms, nft_ms))) => {
                     let obs = std::time::Instant::now();
                     calc = c;
                     driver = d;
                     let diagnostics: Vec<_> = calc.diagnostics().cloned().collect();
-                    inputs
-                        .obs
-                        .report
-                        .planned(&snapshot, calc.table(), &diagnostics);
+                    inputs.obs.report.planned(
+                        &snapshot,
+                        changed.then(|| calc.table()),
+                        &diagnostics,
+                    );
                     let script = driver.transactions().last();
                     inputs.obs.committed(
                         started.elapsed(),
