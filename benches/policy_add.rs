@@ -6,6 +6,8 @@
 //   cargo bench --bench policy_add                     # optimised
 //   cargo test --bench policy_add -- --bench           # debug build
 //   POLICY_BENCH_ADDS=30 POLICY_BENCH_POLICIES=1000    # sizes
+//   POLICY_BENCH_LOG=<dir>                             # keep each daemon's log there, with
+//                                                      # the policy driver's per-pass timings
 // Without `--bench` it does a smoke run (3 ADDs, 20 policies). Root needed.
 
 #[path = "../tests/nodes/mod.rs"]
@@ -75,12 +77,30 @@ fn start(host: &Host, cp: &ControlPlane, dir: &std::path::Path, policy: &str) ->
             env: vec![
                 ("IP_AUTODETECTION_METHOD", "interface=eth0".into()),
                 ("TORTIE_POLICY", policy.into()),
-                ("TORTIE_LOG_LEVEL", "info".into()),
+                ("TORTIE_LOG_LEVEL", log_level()),
             ],
         },
     );
     d.wait_readiness(Duration::from_secs(90), |code, _| code == 200);
     d
+}
+
+fn log_level() -> String {
+    match std::env::var_os("POLICY_BENCH_LOG") {
+        Some(_) => "info,tortie::node::policy=debug".into(),
+        None => "info".into(),
+    }
+}
+
+/// Keeps the daemon's log under POLICY_BENCH_LOG (if set) before it goes with the temp dir.
+fn keep_log(d: &Daemon, name: &str) -> anyhow::Result<()> {
+    if let Some(dir) = std::env::var_os("POLICY_BENCH_LOG") {
+        let path = std::path::Path::new(&dir).join(name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(&path, d.log())?;
+        eprintln!("daemon log: {}", path.display());
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -128,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
     d.terminate();
     let mut d = start(&host, &cp, dir.path(), "true");
     phases.push(adds(dir.path(), "policy on, 0 policies", n).await?);
+    keep_log(&d, "policy-on-0.log")?;
 
     // A pod that stays: policy chains exist only for policies selecting a local pod.
     support::pods::create_pod_on(&cp.client(), "default", "anchor", NODE, &[]).await?;
@@ -181,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
     );
     phases.push(adds(dir.path(), &format!("policy on, {policies} policies"), n).await?);
     let rss = d.resident_bytes();
+    keep_log(&d, &format!("policy-on-{policies}.log"))?;
     d.terminate();
 
     let base = phases[0].p99.as_secs_f64();

@@ -214,20 +214,19 @@ fn from_ip<'a>(packets: &'a [String], ip: &str) -> Vec<&'a String> {
 
 /// The packets counted by the anti-spoofing rule of node `ns`.
 fn antispoof_drops(ns: &NetNs) -> u64 {
-    let chain = ns
+    let counter = ns
         .exec_ok(&[
             "nft",
             "list",
-            "chain",
+            "counter",
             "inet",
             "tortie-policy",
-            "raw-prerouting",
+            "raw-prerouting/anti-spoofing",
         ])
         .unwrap_or_default();
-    chain
-        .lines()
-        .find(|l| l.contains("fib saddr"))
-        .and_then(|l| l.split("packets ").nth(1))
+    counter
+        .split("packets ")
+        .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
@@ -544,7 +543,7 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
         c.logs()
     );
 
-    // Drift: a set element and the dispatch rule deleted by hand come back within a resync.
+    // Drift: a set element and a dispatch map element deleted by hand come back within a resync.
     let node = c.ns(0);
     let listing: serde_json::Value = serde_json::from_str(&node.exec_ok(&[
         "nft",
@@ -582,36 +581,20 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
         &set,
         &format!("{{ {elem} }}"),
     ])?;
-    let dispatch = node.exec_ok(&[
-        "nft",
-        "-a",
-        "list",
-        "chain",
-        "inet",
-        "tortie-policy",
-        "to-wl-dispatch",
-    ])?;
-    let handle = dispatch
-        .lines()
-        .find(|l| l.contains("vmap"))
-        .and_then(|l| l.rsplit("# handle ").next())
-        .map(|h| h.trim().to_string())
-        .with_context(|| format!("no vmap rule: {dispatch}"))?;
+    let server_iface = host_veth_name("default", "server-a");
     node.exec_ok(&[
         "nft",
         "delete",
-        "rule",
+        "element",
         "inet",
         "tortie-policy",
-        "to-wl-dispatch",
-        "handle",
-        &handle,
+        "to-wl",
+        &format!("{{ \"{server_iface}\" }}"),
     ])?;
     assert!(
         !connects(&client_a.netns, &server_a.ip, DENIED_WAIT),
         "without its dispatch entry server-a is unreachable"
     );
-    let server_iface = host_veth_name("default", "server-a");
     let repaired = eventually(Duration::from_secs(RESYNC_SECS + 3), || {
         let listed = node
             .exec_ok(&["nft", "-j", "list", "set", "inet", "tortie-policy", &set])
@@ -630,14 +613,7 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
             })
             .unwrap_or(false);
         let rule_back = node
-            .exec_ok(&[
-                "nft",
-                "list",
-                "chain",
-                "inet",
-                "tortie-policy",
-                "to-wl-dispatch",
-            ])
+            .exec_ok(&["nft", "list", "map", "inet", "tortie-policy", "to-wl"])
             .unwrap_or_default()
             .contains(&server_iface);
         set_back && rule_back
@@ -645,7 +621,7 @@ async fn policy_holds_across_nodes_from_the_first_packet_and_through_restarts() 
     .await;
     anyhow::ensure!(repaired.is_some(), "drift not repaired\n{}", c.logs());
     eprintln!(
-        "hand-deleted set element and rule restored {} ms after the deletion (resync {RESYNC_SECS} s)",
+        "hand-deleted set element and dispatch map element restored {} ms after the deletion (resync {RESYNC_SECS} s)",
         deleted.elapsed().as_millis()
     );
     assert!(connects(&client_a.netns, &server_a.ip, DENIED_WAIT));
@@ -770,14 +746,9 @@ async fn an_add_whose_policy_never_arrives_fails_naming_policy_and_leaves_nothin
             .unwrap_or_default()
             .to_string()
     };
-    let dispatch = host.ns.exec_ok(&[
-        "nft",
-        "list",
-        "chain",
-        "inet",
-        "tortie-policy",
-        "to-wl-dispatch",
-    ])?;
+    let dispatch = host
+        .ns
+        .exec_ok(&["nft", "list", "map", "inet", "tortie-policy", "to-wl"])?;
     assert!(dispatch.contains(&veth), "{ip}: {dispatch}");
     let (status, _) = d.terminate();
     assert_eq!(status.code(), Some(0));

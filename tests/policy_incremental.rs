@@ -285,10 +285,15 @@ fn step(
 }
 
 fn patch(known: &mut Table, want: &Table, touched: &tortie::policy::incremental::Touched) {
+    // `sets` names maps too (one namespace in nft), as the driver reads it.
     for n in &touched.sets {
         match want.sets.get(n) {
             Some(s) => known.sets.insert(n.clone(), s.clone()),
             None => known.sets.remove(n),
+        };
+        match want.maps.get(n) {
+            Some(m) => known.maps.insert(n.clone(), m.clone()),
+            None => known.maps.remove(n),
         };
     }
     for n in &touched.chains {
@@ -324,6 +329,9 @@ fn diff(a: &Table, b: &Table) -> String {
     }
     for n in b.chains.keys().filter(|n| !a.chains.contains_key(*n)) {
         out.push(format!("chain {n} only in the second"));
+    }
+    if a.maps != b.maps {
+        out.push(format!("maps: {:?} vs {:?}", a.maps, b.maps));
     }
     out.join("\n")
 }

@@ -218,13 +218,13 @@ fn compiled_table_in_the_kernel_decides_every_flow_like_the_evaluator() {
         .exec_ok(&[
             "nft",
             "list",
-            "chain",
+            "counter",
             "inet",
             "tortie-policy",
-            "raw-prerouting",
+            "raw-prerouting/anti-spoofing",
         ])
         .unwrap();
-    assert!(raw.contains("counter packets 3 "), "{raw}");
+    assert!(raw.contains("packets 3 bytes"), "{raw}");
     assert!(
         probe(web, "10.0.1.2", Protocol::UDP, 53),
         "web's own address still works"
@@ -560,14 +560,14 @@ fn calico_only_rules_in_the_kernel_match_the_evaluator() {
         .exec_ok(&[
             "nft",
             "list",
-            "chain",
+            "counter",
             "inet",
             "tortie-policy",
-            "sti-calidb00-snp.prod.db-lockdown",
+            "sti-calidb00-snp.prod.db-lockdown/would-deny",
         ])
         .unwrap();
     assert!(
-        audit.contains(&format!("counter packets {would_deny} ")),
+        audit.contains(&format!("packets {would_deny} bytes")),
         "want {would_deny} would-deny packets:\n{audit}"
     );
     // The Log rule logged (the kernel counts what the log statement saw).

@@ -14,8 +14,7 @@ use serde_json::{Value, json};
 use support::NetNs;
 use support::netns::plumb_pod;
 use tortie::dataplane::nflog::{self, LoggedPacket};
-use tortie::dataplane::nft::Runner;
-use tortie::dataplane::nft::counters;
+use tortie::dataplane::nft::{Driver, Outcome, Runner, counters};
 use tortie::metrics::{BuildInfo, Metrics};
 use tortie::node::policy_counters::{Counted, CounterMetrics, Ledger};
 use tortie::node::policy_cut::cut_denied;
@@ -213,17 +212,18 @@ fn denied_packets_count_per_policy_and_a_staged_policy_counts_without_dropping()
                 {"action": "Allow", "protocol": "TCP", "destination": {"ports": [1]}}]}),
         )],
     );
-    load(&node, &model(&c));
+    // Through the driver, as the daemon writes it: later changes are incremental.
+    let mut driver = Driver::new(Runner::default());
+    let written = node
+        .run(|| driver.reconcile(&compile(&model(&c), &CompileOptions::default())))
+        .unwrap()
+        .unwrap();
+    assert_eq!(written, Outcome::Created);
     let metrics = Metrics::new(&BuildInfo::CURRENT).unwrap();
     let counter_metrics = CounterMetrics::register(&metrics).unwrap();
     let mut ledger = Ledger::default();
-    let read = |ledger: &mut Ledger| {
-        let readings = node
-            .run(|| counters::read(&Runner::default(), FAMILY, TABLE))
-            .unwrap()
-            .unwrap();
-        ledger.update(&readings)
-    };
+    let raw = || node.run(|| counters::read(FAMILY, TABLE)).unwrap().unwrap();
+    let read = |ledger: &mut Ledger| ledger.update(&raw());
     let first = read(&mut ledger);
     let denied = Counted::Denied {
         policy: "prod/db-in".into(),
@@ -249,6 +249,43 @@ fn denied_packets_count_per_policy_and_a_staged_policy_counts_without_dropping()
     assert_eq!(second[&denied], 3, "{second:?}");
     // Once per new flow: established packets are accepted before the audit.
     assert_eq!(second[&staged], 2, "{second:?}");
+    // A change to the policy rewrites its chain in place; its Deny rule's counter keeps
+    // its count (named counters outlive the rules that count into them).
+    let deny_rule = "pi-np.prod.db-in/0/deny";
+    let before: Vec<_> = raw().into_iter().filter(|c| c.name == deny_rule).collect();
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0].packets, 3);
+    let mut changed = c.clone();
+    let spec = &mut changed.network_policies[0].spec;
+    let mut more: tortie::api::NetworkPolicy = serde_json::from_value(np(
+        "db-in",
+        json!({"selector": "app == 'db'", "types": ["Ingress"], "ingress": [
+            {"action": "Deny", "protocol": "TCP", "destination": {"ports": [9090]}},
+            {"action": "Deny", "protocol": "UDP", "destination": {"ports": [9090]}},
+            {"action": "Allow"}]}),
+    ))
+    .unwrap();
+    std::mem::swap(spec, &mut more.spec);
+    let updated = node
+        .run(|| driver.reconcile(&compile(&model(&changed), &CompileOptions::default())))
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated, Outcome::Updated);
+    let script = driver.transactions().last().unwrap().to_string();
+    assert!(
+        script.contains("flush chain inet tortie-policy pi-np.prod.db-in"),
+        "{script}"
+    );
+    assert!(!script.contains("delete table"), "{script}");
+    let after: Vec<_> = raw().into_iter().filter(|c| c.name == deny_rule).collect();
+    assert_eq!(
+        (after[0].packets, after[0].handle),
+        (3, before[0].handle),
+        "the counter was reset by an incremental change"
+    );
+    assert!(connect(&pods[0], "10.0.0.2", 9090).is_none(), "denied");
+    let third = read(&mut ledger);
+    assert_eq!(third[&denied], 1, "{third:?}");
     counter_metrics.record(&first);
     counter_metrics.record(&second);
     let text = metrics.encode().unwrap();

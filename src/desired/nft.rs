@@ -2,6 +2,12 @@
 //! with typed elements, and chains holding rules written in nft's own syntax. The nft driver
 //! (`dataplane::nft`) renders the difference between two of these into one transaction.
 //!
+//! Named verdict maps (`type ifname : verdict`) let a lookup grow by elements instead of by
+//! rewriting the rule that holds it. Named counter objects are not declared on their own:
+//! a rule's `counter name "…"` statement is the declaration, so a counter exists exactly
+//! while a rule counts into it, and rewriting a chain keeps the counts of the counters its
+//! new rules still name.
+//!
 //! Rules are text, not a typed AST: nft's syntax is the stable, documented interface, and a
 //! rule is only ever compared whole. Each rule carries an id (a hash of its text) that the
 //! driver writes as the rule's comment, so a listing of the kernel's table can be compared
@@ -136,7 +142,25 @@ impl Rule {
         let digest = Sha1::digest(self.text.as_bytes());
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// A rule counting into the named counter object `name` (nft's identifier syntax:
+    /// letters, digits, `/ - _ .`, starting with a letter), then doing `rest`.
+    pub fn counted(name: &str, rest: &str) -> Rule {
+        Rule::new(
+            format!("counter name \"{name}\" {rest}")
+                .trim_end()
+                .to_string(),
+        )
+    }
+
+    /// The named counter this rule counts into, if any.
+    pub fn counter(&self) -> Option<&str> {
+        let (_, rest) = self.text.split_once(COUNTER_NAME)?;
+        rest.split_once('"').map(|(name, _)| name)
+    }
 }
+
+const COUNTER_NAME: &str = "counter name \"";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
@@ -144,13 +168,50 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// A whole table as tortie wants it. Sets come before chains when rendered (rules refer
-/// to sets by name).
+impl Chain {
+    /// The named counters this chain's rules count into.
+    pub fn counters(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().filter_map(Rule::counter)
+    }
+}
+
+/// A named map from keys to verdicts (`type ifname : verdict`). Keys are written as nft
+/// lists them (interface names without quotes); values are verdicts in nft's syntax
+/// (`goto fw-cali0123456789a`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Map {
+    /// The key's nft type: `ifname`, `ipv4_addr`, …
+    pub key: String,
+    pub elements: BTreeMap<String, String>,
+}
+
+impl Map {
+    pub fn verdicts(key: &str) -> Map {
+        Map {
+            key: key.to_string(),
+            elements: BTreeMap::new(),
+        }
+    }
+
+    /// A key as nft's input syntax wants it (interface names are strings).
+    pub fn key_text(&self, k: &str) -> String {
+        if self.key == "ifname" {
+            format!("\"{k}\"")
+        } else {
+            k.to_string()
+        }
+    }
+}
+
+/// A whole table as tortie wants it. Sets and maps come before chains when rendered (rules
+/// refer to them by name); map elements name chains, so they are written after them.
+/// Set and map names share one namespace in nft (a map is a set with values).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub family: Family,
     pub name: String,
     pub sets: BTreeMap<String, Set>,
+    pub maps: BTreeMap<String, Map>,
     pub chains: BTreeMap<String, Chain>,
 }
 
@@ -160,8 +221,18 @@ impl Table {
             family,
             name: name.into(),
             sets: BTreeMap::new(),
+            maps: BTreeMap::new(),
             chains: BTreeMap::new(),
         }
+    }
+
+    /// Every named counter the table's rules count into.
+    pub fn counters(&self) -> BTreeSet<String> {
+        self.chains
+            .values()
+            .flat_map(Chain::counters)
+            .map(String::from)
+            .collect()
     }
 
     /// What a listing of the kernel's table can be compared with: sets in full, chains by
@@ -169,6 +240,8 @@ impl Table {
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint {
             sets: self.sets.clone(),
+            maps: self.maps.clone(),
+            counters: self.counters(),
             chains: self
                 .chains
                 .iter()
@@ -186,9 +259,12 @@ impl Table {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fingerprint {
     pub sets: BTreeMap<String, Set>,
+    pub maps: BTreeMap<String, Map>,
+    /// Named counter objects (their values are not part of the comparison).
+    pub counters: BTreeSet<String>,
     /// Chain name → (hook, rule ids in order).
     pub chains: BTreeMap<String, (Option<Hook>, Vec<String>)>,
-    /// Objects the model never holds (maps, flowtables, rules without tortie's comment, …),
+    /// Objects the model never holds (flowtables, quotas, rules without tortie's comment, …),
     /// described in a line each: any of them is drift.
     pub foreign: Vec<String>,
 }
@@ -203,6 +279,27 @@ mod tests {
         assert_eq!(a.id(), Rule::new("udp dport 4789 counter notrack").id());
         assert_ne!(a.id(), Rule::new("udp dport 4790 counter notrack").id());
         assert_eq!(a.id().len(), 16);
+    }
+
+    #[test]
+    fn counted_rules_name_their_counter() {
+        let r = Rule::counted("pi-knp.ns.x/0/deny", "drop");
+        assert_eq!(r.text, "counter name \"pi-knp.ns.x/0/deny\" drop");
+        assert_eq!(r.counter(), Some("pi-knp.ns.x/0/deny"));
+        assert_eq!(Rule::new("counter drop").counter(), None);
+        let mut t = Table::new(Family::Inet, "t");
+        t.chains.insert(
+            "c".into(),
+            Chain {
+                hook: None,
+                rules: vec![r, Rule::counted("c/1", "")],
+            },
+        );
+        assert_eq!(
+            t.counters().into_iter().collect::<Vec<_>>(),
+            ["c/1", "pi-knp.ns.x/0/deny"]
+        );
+        assert_eq!(t.chains["c"].rules[1].text, "counter name \"c/1\"");
     }
 
     #[test]

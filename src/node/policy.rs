@@ -38,6 +38,10 @@ pub struct Inputs {
     pub obs: super::policy_obs::PolicyObs,
 }
 
+fn ms(since: std::time::Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
 /// With enforcement off, a table an earlier run left would drop every new pod's traffic
 /// (unknown interface): it goes. Failures are logged; nothing else depends on it.
 pub async fn remove_table() {
@@ -88,31 +92,38 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
                     ep.object = None;
                 }
             }
+            let started = std::time::Instant::now();
             let snapshot =
                 PolicySnapshot::of(&inputs.view.policy, &inputs.pods).with_registered(&local);
             let overrides = overrides_of(&local);
-            let started = std::time::Instant::now();
+            let snapshot_ms = ms(started);
             let joined = tokio::task::spawn_blocking(move || {
+                let t = std::time::Instant::now();
                 calc.set_overrides(&overrides);
                 calc.sync(&snapshot);
                 let touched = calc.take_touched();
+                let changed = full || !touched.is_empty();
+                let calc_ms = ms(t);
+                let t = std::time::Instant::now();
                 let r = if full {
                     driver.reconcile(calc.table())
                 } else {
                     driver.reconcile_changed(calc.table(), &touched.sets, &touched.chains)
                 };
-                (calc, driver, r, snapshot)
+                (calc, driver, r, snapshot, changed, (calc_ms, ms(t)))
             })
             .await;
             let result = match joined {
-                Ok((c, d, r, snapshot)) => {
+                Ok((c, d, r, snapshot, changed, (calc_ms, nft_ms))) => {
+                    let obs = std::time::Instant::now();
                     calc = c;
                     driver = d;
                     let diagnostics: Vec<_> = calc.diagnostics().cloned().collect();
-                    inputs
-                        .obs
-                        .report
-                        .planned(&snapshot, calc.table(), &diagnostics);
+                    inputs.obs.report.planned(
+                        &snapshot,
+                        changed.then(|| calc.table()),
+                        &diagnostics,
+                    );
                     let script = driver.transactions().last();
                     inputs.obs.committed(
                         started.elapsed(),
@@ -120,6 +131,16 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
                         script,
                         &snapshot,
                         calc.overrides(),
+                    );
+                    tracing::debug!(
+                        full,
+                        generation,
+                        snapshot_ms,
+                        calc_ms,
+                        nft_ms,
+                        obs_ms = ms(obs),
+                        total_ms = ms(started),
+                        "policy pass"
                     );
                     r.map(|_| ()).map_err(|e| e.to_string())
                 }

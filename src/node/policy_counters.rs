@@ -1,21 +1,22 @@
-//! Per-policy packet counters from the kernel: the `counter` of every drop and audit rule in
-//! `inet tortie-policy`, attributed to a policy by the chain it sits in (the compiler names
-//! chains after policies: `pi-`/`po-<kind>.<ns>.<name>`, staged audits
-//! `sti-`/`sto-<iface>-<kind>.<ns>.<name>`), turned into monotonic Prometheus counters.
-//! Read on a slow interval, terse (no set elements), so the cost does not grow with pods.
+//! Per-policy packet counters from the kernel: the named counter objects of `inet
+//! tortie-policy` (one per policy rule, end of tier, staged audit and fixed drop), attributed
+//! by their names (`compile::CounterName`: `pi-`/`po-<kind>.<ns>.<name>/<rule>/deny`, staged
+//! audits `sti-`/`sto-<iface>-<kind>.<ns>.<name>/would-deny`), turned into monotonic
+//! Prometheus counters. Read over nfnetlink on a slow interval: counter objects only, no
+//! rules or set elements, so the cost follows the number of counters and nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, Opts};
 
-use crate::dataplane::nft::Runner;
-use crate::dataplane::nft::counters::{self, RuleCounter};
+use crate::dataplane::nft::counters::{self, NamedCounter};
 use crate::metrics::{Metrics, MetricsError};
 use crate::policy::compile::{
-    FAMILY, FROM_DISPATCH, INPUT_CHAIN, RAW_PREROUTING_CHAIN, TABLE, TO_DISPATCH,
+    ANTI_SPOOFING, CounterName, END_OF_TIER, ENDPOINT_TO_HOST, FAMILY, TABLE, UNKNOWN_INTERFACE,
+    WOULD_DENY,
 };
-use crate::policy::{PolicyId, PolicyKind};
+use crate::policy::{Action, PolicyId, PolicyKind};
 
 /// What a counting rule counts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -32,8 +33,8 @@ pub enum Counted {
     Dropped { reason: &'static str },
 }
 
-/// `<kind>.<ns>.<name>` (ns `_` for global kinds) → the name users see.
-fn policy_name(s: &str) -> Option<String> {
+/// `<kind>.<ns>.<name>` (ns `_` for global kinds) → the policy.
+fn policy_id(s: &str) -> Option<PolicyId> {
     let (kind, rest) = s.split_once('.')?;
     let (ns, name) = rest.split_once('.')?;
     let kind = [
@@ -46,7 +47,7 @@ fn policy_name(s: &str) -> Option<String> {
     ]
     .into_iter()
     .find(|k| k.short() == kind)?;
-    let id = PolicyId {
+    Some(PolicyId {
         kind,
         namespace: if ns == "_" {
             String::new()
@@ -54,44 +55,56 @@ fn policy_name(s: &str) -> Option<String> {
             ns.to_string()
         },
         name: name.to_string(),
-    };
-    Some(id.display_name())
+    })
 }
 
-/// What the counter of a rule in `chain` counts; None for chains that count nothing known.
-pub fn attribute(chain: &str) -> Option<Counted> {
-    let direction = |c: char| if c == 'i' { "ingress" } else { "egress" };
-    if let Some(rest) = chain
-        .strip_prefix("pi-")
-        .or_else(|| chain.strip_prefix("po-"))
-    {
-        return Some(Counted::Denied {
-            policy: policy_name(rest)?,
-            direction: direction(chain.as_bytes()[1] as char),
-        });
+/// What a named counter counts for the metrics; None for counters they do not report
+/// (Allow, Pass and Log rules, staged policies' own rules: `tortie policy explain
+/// --counters` shows those).
+pub fn attribute(counter: &str) -> Option<Counted> {
+    match CounterName::parse(counter)? {
+        CounterName::Rule {
+            chain,
+            action: Action::Deny,
+            ..
+        } => {
+            let (direction, rest) = match chain.split_once('-')? {
+                ("pi", rest) => ("ingress", rest),
+                ("po", rest) => ("egress", rest),
+                _ => return None,
+            };
+            let id = policy_id(rest).filter(|id| !id.kind.is_staged())?;
+            Some(Counted::Denied {
+                policy: id.display_name(),
+                direction,
+            })
+        }
+        CounterName::Rule { .. } => None,
+        CounterName::Fixed { chain, what } => {
+            let reason = match what.as_str() {
+                WOULD_DENY => {
+                    let rest = chain
+                        .strip_prefix("sti-")
+                        .or_else(|| chain.strip_prefix("sto-"))?;
+                    let (_iface, policy) = rest.split_once('-')?;
+                    return Some(Counted::StagedWouldDeny {
+                        policy: policy_id(policy)?.display_name(),
+                    });
+                }
+                END_OF_TIER if chain.starts_with("tw-") => "end-of-tier-ingress",
+                END_OF_TIER if chain.starts_with("fw-") => "end-of-tier-egress",
+                UNKNOWN_INTERFACE => "unknown-interface",
+                ANTI_SPOOFING => "anti-spoofing",
+                ENDPOINT_TO_HOST => "endpoint-to-host",
+                _ => return None,
+            };
+            Some(Counted::Dropped { reason })
+        }
     }
-    if let Some(rest) = chain
-        .strip_prefix("sti-")
-        .or_else(|| chain.strip_prefix("sto-"))
-    {
-        let (_iface, policy) = rest.split_once('-')?;
-        return Some(Counted::StagedWouldDeny {
-            policy: policy_name(policy)?,
-        });
-    }
-    let reason = match chain {
-        c if c.starts_with("tw-") => "end-of-tier-ingress",
-        c if c.starts_with("fw-") => "end-of-tier-egress",
-        FROM_DISPATCH | TO_DISPATCH => "unknown-interface",
-        RAW_PREROUTING_CHAIN => "anti-spoofing",
-        INPUT_CHAIN => "endpoint-to-host",
-        _ => return None,
-    };
-    Some(Counted::Dropped { reason })
 }
 
-/// Turns successive readings of kernel counters (which restart when a rule is rewritten)
-/// into increments.
+/// Turns successive readings of kernel counters (which restart when a counter is made
+/// again) into increments.
 #[derive(Debug, Default)]
 pub struct Ledger {
     last: BTreeMap<(String, u64), u64>,
@@ -100,14 +113,14 @@ pub struct Ledger {
 impl Ledger {
     /// The packets counted since the previous reading, per attribution (zero increments
     /// included, so every live policy has a series).
-    pub fn update(&mut self, readings: &[RuleCounter]) -> BTreeMap<Counted, u64> {
+    pub fn update(&mut self, readings: &[NamedCounter]) -> BTreeMap<Counted, u64> {
         let mut out = BTreeMap::new();
         let mut seen = BTreeMap::new();
         for r in readings {
-            let Some(what) = attribute(&r.chain) else {
+            let Some(what) = attribute(&r.name) else {
                 continue;
             };
-            let key = (r.chain.clone(), r.handle);
+            let key = (r.name.clone(), r.handle);
             let delta = match self.last.get(&key) {
                 Some(&prev) if r.packets >= prev => r.packets - prev,
                 _ => r.packets,
@@ -196,8 +209,8 @@ impl CounterMetrics {
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
 /// One reading: counters of the policy table → increments recorded.
-pub fn poll(runner: &Runner, ledger: &mut Ledger, metrics: &CounterMetrics) {
-    match counters::read(runner, FAMILY, TABLE) {
+pub fn poll(ledger: &mut Ledger, metrics: &CounterMetrics) {
+    match counters::read(FAMILY, TABLE) {
         Ok(readings) => metrics.record(&ledger.update(&readings)),
         Err(e) => tracing::debug!(error = %e, "cannot read the policy table's counters"),
     }
@@ -207,12 +220,11 @@ pub fn poll(runner: &Runner, ledger: &mut Ledger, metrics: &CounterMetrics) {
 pub fn start(metrics: CounterMetrics, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ledger = Ledger::default();
-        let runner = Runner::default();
         loop {
             tokio::time::sleep(interval).await;
-            let (r, m) = (runner.clone(), metrics.clone());
+            let m = metrics.clone();
             let joined = tokio::task::spawn_blocking(move || {
-                poll(&r, &mut ledger, &m);
+                poll(&mut ledger, &m);
                 ledger
             })
             .await;
@@ -225,9 +237,9 @@ pub fn start(metrics: CounterMetrics, interval: Duration) -> tokio::task::JoinHa
 mod tests {
     use super::*;
 
-    fn rc(chain: &str, handle: u64, packets: u64) -> RuleCounter {
-        RuleCounter {
-            chain: chain.into(),
+    fn rc(name: &str, handle: u64, packets: u64) -> NamedCounter {
+        NamedCounter {
+            name: name.into(),
             handle,
             packets,
             bytes: packets * 60,
@@ -237,33 +249,41 @@ mod tests {
     #[test]
     fn chains_map_back_to_their_policies() {
         assert_eq!(
-            attribute("pi-knp.prod.db-from-web"),
+            attribute("pi-knp.prod.db-from-web/0/deny"),
             Some(Counted::Denied {
                 policy: "prod/knp.default.db-from-web".into(),
                 direction: "ingress"
             })
         );
         assert_eq!(
-            attribute("po-gnp._.red.not.to-db"),
+            attribute("po-gnp._.red.not.to-db/12/deny"),
             Some(Counted::Denied {
                 policy: "red.not.to-db".into(),
                 direction: "egress"
             })
         );
+        assert_eq!(attribute("pi-knp.prod.db-from-web/0/allow"), None);
+        assert_eq!(attribute("pi-snp.prod.db-lockdown/0/deny"), None, "staged");
         assert_eq!(
-            attribute("sti-calidb00-snp.prod.db-lockdown"),
+            attribute("sti-calidb00-snp.prod.db-lockdown/would-deny"),
             Some(Counted::StagedWouldDeny {
                 policy: "prod/staged:db-lockdown".into()
             })
         );
         assert_eq!(
-            attribute("tw-calidb00"),
+            attribute("tw-calidb00/end-of-tier"),
             Some(Counted::Dropped {
                 reason: "end-of-tier-ingress"
             })
         );
+        assert_eq!(
+            attribute("from-wl-dispatch/unknown-interface"),
+            Some(Counted::Dropped {
+                reason: "unknown-interface"
+            })
+        );
         assert_eq!(attribute("forward"), None);
-        assert_eq!(attribute("pi-zz.prod.x"), None);
+        assert_eq!(attribute("pi-zz.prod.x/0/deny"), None);
     }
 
     #[test]
@@ -273,15 +293,21 @@ mod tests {
             policy: "prod/w".into(),
             direction: "ingress",
         };
-        let first = l.update(&[rc("pi-np.prod.w", 5, 3), rc("pi-np.prod.w", 6, 1)]);
+        let first = l.update(&[
+            rc("pi-np.prod.w/0/deny", 5, 3),
+            rc("pi-np.prod.w/1/deny", 6, 1),
+        ]);
         assert_eq!(first[&deny], 4);
-        let second = l.update(&[rc("pi-np.prod.w", 5, 10), rc("pi-np.prod.w", 6, 1)]);
+        let second = l.update(&[
+            rc("pi-np.prod.w/0/deny", 5, 10),
+            rc("pi-np.prod.w/1/deny", 6, 1),
+        ]);
         assert_eq!(second[&deny], 7);
-        // The chain was rewritten: new handles count from zero again.
-        let third = l.update(&[rc("pi-np.prod.w", 9, 2)]);
+        // The counter was made again: a new handle counts from zero again.
+        let third = l.update(&[rc("pi-np.prod.w/0/deny", 9, 2)]);
         assert_eq!(third[&deny], 2);
-        // Same handle reused with a smaller value: a restart, not a negative increment.
-        let fourth = l.update(&[rc("pi-np.prod.w", 9, 1)]);
+        // Same handle with a smaller value: a restart, not a negative increment.
+        let fourth = l.update(&[rc("pi-np.prod.w/0/deny", 9, 1)]);
         assert_eq!(fourth[&deny], 1);
     }
 }

@@ -265,14 +265,23 @@ impl PolicyReport {
     }
 
     /// Gauges from the desired table and the objects; new diagnostics logged and queued.
-    pub fn planned(&mut self, objects: &PolicySnapshot, table: &Table, diagnostics: &[Diagnostic]) {
-        let s = table_stats(table);
+    /// `table` is None when it did not change since the last call: its gauges stand (they
+    /// cost a walk of the whole table, which a pass that changed nothing need not pay).
+    pub fn planned(
+        &mut self,
+        objects: &PolicySnapshot,
+        table: Option<&Table>,
+        diagnostics: &[Diagnostic],
+    ) {
         let m = &self.metrics;
-        m.active_policies.set(s.policies as i64);
-        m.active_endpoints.set(s.endpoints as i64);
-        m.active_selectors.set(s.selectors as i64);
-        m.sets.set(s.sets as i64);
-        m.set_elements.set(s.set_elements as i64);
+        if let Some(table) = table {
+            let s = table_stats(table);
+            m.active_policies.set(s.policies as i64);
+            m.active_endpoints.set(s.endpoints as i64);
+            m.active_selectors.set(s.selectors as i64);
+            m.sets.set(s.sets as i64);
+            m.set_elements.set(s.set_elements as i64);
+        }
         m.cluster_policies.set(cluster_policies(objects) as i64);
         for sev in [
             Severity::NotApplied,

@@ -1,6 +1,8 @@
 //! `tortie policy explain`: reads the cluster's pods, namespaces, service accounts, policies
 //! and network sets with one LIST each, builds the same model the dataplane compiles, and
 //! says whether a flow is allowed and which policy and rule decided it in each direction.
+//! With `--counters` it also reads the live counters of the rules on that path from this
+//! node's `inet tortie-policy` table (so it runs on the node, in the host network namespace).
 //!
 //! Exit codes: 0 allowed; 1 denied; 2 cannot answer (kubeconfig, API error, unknown pod).
 
@@ -54,6 +56,10 @@ pub enum PolicyCommand {
         icmp: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
+        /// Also show the live nft counters (packets, bytes) of the rules on the flow's path,
+        /// read from this node's policy table: run it on the node.
+        #[arg(long)]
+        counters: bool,
     },
 }
 
@@ -67,6 +73,10 @@ pub enum CliError {
     Usage(String),
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(
+        "--counters reads the policy table of the node it runs on: {0} (run it on the node, in the host network namespace, with policy enforcement on)"
+    )]
+    Counters(crate::dataplane::nft::counters::CounterError),
 }
 
 /// Entry point of `tortie policy`.
@@ -99,14 +109,31 @@ async fn run_async(args: PolicyArgs) -> Result<ExitCode, CliError> {
             protocol,
             icmp,
             output,
+            counters,
         } => {
             let model = build_model(&load(&client).await?);
             let flow = parse_flow(&model, &from, &to, &port, &protocol, icmp.as_deref())
                 .map_err(CliError::Usage)?;
             let v = evaluate(&model, &flow);
+            let path = if counters {
+                Some(read_path_counters(&model, &v)?)
+            } else {
+                None
+            };
             match output {
-                Format::Table => print!("{}", super::explain::table(&v, &model.diagnostics)),
-                Format::Json => println!("{:#}", super::explain::json(&v, &model.diagnostics)),
+                Format::Table => {
+                    print!("{}", super::explain::table(&v, &model.diagnostics));
+                    if let Some(c) = &path {
+                        print!("{}", super::explain::counters_table(c));
+                    }
+                }
+                Format::Json => {
+                    let mut doc = super::explain::json(&v, &model.diagnostics);
+                    if let Some(c) = &path {
+                        doc["counters"] = serde_json::json!(c);
+                    }
+                    println!("{doc:#}");
+                }
             }
             Ok(if v.allowed {
                 ExitCode::SUCCESS
@@ -115,6 +142,42 @@ async fn run_async(args: PolicyArgs) -> Result<ExitCode, CliError> {
             })
         }
     }
+}
+
+/// The path's counters with their values from this namespace's policy table.
+fn read_path_counters(
+    model: &Model,
+    v: &super::eval::Verdict,
+) -> Result<Vec<super::explain::PathCounter>, CliError> {
+    use super::compile::{FAMILY, TABLE};
+    use crate::dataplane::nft::counters;
+    let mut values = super::explain::CounterValues {
+        named: counters::read(FAMILY, TABLE)
+            .map_err(CliError::Counters)?
+            .into_iter()
+            .map(|c| (c.name, (c.packets, c.bytes)))
+            .collect(),
+        ..Default::default()
+    };
+    let iface = |endpoint: &str| {
+        let (ns, pod) = endpoint.split_once('/').unwrap_or(("", endpoint));
+        crate::cni::plumbing::host_veth_name(ns, pod)
+    };
+    let mut path = super::explain::path_counters(model, v, iface);
+    let runner = crate::dataplane::nft::Runner::default();
+    for chain in super::explain::chains_to_list(&path) {
+        let rules = counters::chain_counters(&runner, FAMILY, TABLE, &chain)
+            .map_err(|e| CliError::Usage(format!("reading chain {chain}: {e}")))?;
+        if !rules.is_empty() {
+            let by_id = rules
+                .into_iter()
+                .map(|r| (r.id, (r.packets, r.bytes)))
+                .collect();
+            values.chains.insert(chain, by_id);
+        }
+    }
+    super::explain::fill(&mut path, &values);
+    Ok(path)
 }
 
 /// Builds the flow from the command line; pods are looked up in the model.

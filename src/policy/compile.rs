@@ -1,7 +1,11 @@
 //! Sans-IO compiler: the policy model and this node's endpoints → the `inet tortie-policy`
 //! table on the shared nft model (`desired::nft`), laid out as Felix's nftables mode does it:
-//! interface dispatch → per-endpoint chains (conntrack first, then the endpoint's policies
-//! in order, end-of-tier drop, namespace-profile allow) → per-policy chains. Verdicts between
+//! interface dispatch (named verdict maps, so a new pod adds elements, not a rewritten
+//! rule) → per-endpoint chains (conntrack first, then the endpoint's policy group, end-of-tier
+//! drop, namespace-profile allow) → policy group chains (the ordered policies that select an
+//! endpoint; shared by every endpoint with the same list, as Felix's policy groups are, so a
+//! new pod's chains stay a few rules long whatever the number of policies) → per-policy
+//! chains. Verdicts between
 //! chains travel in Felix's mark bits (Accept `0x10000`, Pass `0x20000`), so an allowed
 //! egress returns and the destination's ingress is still checked.
 //!
@@ -10,6 +14,13 @@
 //! selectors are named address sets shared by every rule with the same selector, named
 //! ports are `addr . proto . port` sets, multi-valued nets and ports are named sets, and no
 //! rule carries an anonymous set.
+//!
+//! Every Deny rule, end of tier, staged audit and fixed drop counts into a named counter
+//! object named after its chain (`<chain>/<rule>/deny`, `<chain>/end-of-tier`, …; see
+//! `CounterName`): what the per-policy metrics read, without listing rules, and what survives
+//! chain rewrites. Allow, Pass and Log rules count in anonymous counters (read by `tortie
+//! policy explain --counters` from their chain): every named object is in the cache each
+//! `nft` run fills before it adds a rule, so they are kept to what is read often.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -18,12 +29,12 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use sha2::{Digest, Sha224};
 
-use crate::desired::nft::{Chain, Element, Family, Hook, Rule as NftRule, Set, Table};
+use crate::desired::nft::{Chain, Element, Family, Hook, Map, Rule as NftRule, Set, Table};
 use crate::desired::{MARK_ACCEPT, MARK_PASS, MARK_SCRATCH0};
 use crate::selector::Selector;
 
 use super::endpoint::{Endpoint, NetworkSetEntry};
-use super::model::{Action, Direction, EntityMatch, IcmpMatch, Model, Policy, Rule};
+use super::model::{Action, Direction, EntityMatch, IcmpMatch, Model, Policy, PolicyId, Rule};
 use super::ports::PortMatch;
 use super::protocol::Protocol;
 
@@ -34,6 +45,15 @@ pub const INPUT_CHAIN: &str = "input";
 pub const RAW_PREROUTING_CHAIN: &str = "raw-prerouting";
 pub const FROM_DISPATCH: &str = "from-wl-dispatch";
 pub const TO_DISPATCH: &str = "to-wl-dispatch";
+/// The dispatch verdict maps: local interface → `goto fw-<iface>` / `goto tw-<iface>`.
+pub const FROM_MAP: &str = "from-wl";
+pub const TO_MAP: &str = "to-wl";
+/// What the fixed drop counters count (`<chain>/<reason>`).
+pub const UNKNOWN_INTERFACE: &str = "unknown-interface";
+pub const ANTI_SPOOFING: &str = "anti-spoofing";
+pub const ENDPOINT_TO_HOST: &str = "endpoint-to-host";
+pub const END_OF_TIER: &str = "end-of-tier";
+pub const WOULD_DENY: &str = "would-deny";
 /// Felix's workload interface prefix.
 pub const WORKLOAD_PREFIX: &str = "cali";
 
@@ -65,7 +85,8 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Table {
         c.endpoint_chains(ep, iface);
         ifaces.insert(iface);
     }
-    c.table.chains.extend(dispatch_chains(ifaces));
+    c.table.chains.extend(dispatch_chains());
+    c.table.maps.extend(dispatch_maps(ifaces));
     let Compiler {
         mut table, specs, ..
     } = c;
@@ -177,28 +198,144 @@ pub fn named_port_set(fam: u8, elements: BTreeSet<Element>) -> Set {
     }
 }
 
-/// The two dispatch chains: one verdict-map lookup per packet. Unknown workload interfaces
-/// drop: a pod's chains exist before its CNI ADD returns, so nothing legitimate is unknown.
-pub fn dispatch_chains<'a>(ifaces: impl IntoIterator<Item = &'a str>) -> Vec<(String, Chain)> {
-    let mut from = Vec::new();
-    let mut to = Vec::new();
-    for iface in ifaces {
-        from.push(format!("\"{iface}\" : goto fw-{iface}"));
-        to.push(format!("\"{iface}\" : goto tw-{iface}"));
-    }
+/// The two dispatch chains: one lookup in a named verdict map per packet (the maps'
+/// elements are the local interfaces, `dispatch_maps`). Unknown workload interfaces drop: a
+/// pod's chains exist before its CNI ADD returns, so nothing legitimate is unknown.
+pub fn dispatch_chains() -> Vec<(String, Chain)> {
     let mut out = Vec::new();
-    for (name, key, entries) in [
-        (FROM_DISPATCH, "iifname", from),
-        (TO_DISPATCH, "oifname", to),
+    for (name, key, map) in [
+        (FROM_DISPATCH, "iifname", FROM_MAP),
+        (TO_DISPATCH, "oifname", TO_MAP),
     ] {
-        let mut rules = Vec::new();
-        if !entries.is_empty() {
-            rules.push(format!("{key} vmap {{ {} }}", entries.join(", ")));
-        }
-        rules.push("counter drop".to_string());
+        let rules = vec![
+            format!("{key} vmap @{map}"),
+            counted(&CounterName::fixed(name, UNKNOWN_INTERFACE), "drop"),
+        ];
         out.push((name.to_string(), regular_chain(rules)));
     }
     out
+}
+
+/// The dispatch maps holding these interfaces.
+pub fn dispatch_maps<'a>(ifaces: impl IntoIterator<Item = &'a str>) -> Vec<(String, Map)> {
+    let mut from = Map::verdicts("ifname");
+    let mut to = Map::verdicts("ifname");
+    for iface in ifaces {
+        for (map, (key, verdict)) in [&mut from, &mut to].into_iter().zip(dispatch_entry(iface)) {
+            map.elements.insert(key, verdict);
+        }
+    }
+    vec![(FROM_MAP.to_string(), from), (TO_MAP.to_string(), to)]
+}
+
+/// An interface's element in `FROM_MAP` and in `TO_MAP`, in that order.
+pub fn dispatch_entry(iface: &str) -> [(String, String); 2] {
+    [
+        (iface.to_string(), format!("goto fw-{iface}")),
+        (iface.to_string(), format!("goto tw-{iface}")),
+    ]
+}
+
+/// The names of the table's counter objects. A counter belongs to one chain and its name
+/// starts with the chain's (what the nft driver relies on to add and delete it with the
+/// chain's rules); `parse` reads one back for metrics and `tortie policy explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CounterName {
+    /// Rule `rule` of a policy chain (`pi-`/`po-<kind>.<ns>.<name>/<rule>/<action>`).
+    Rule {
+        chain: String,
+        rule: usize,
+        action: Action,
+    },
+    /// A drop or audit that belongs to its chain (`<chain>/<what>`): end of tier in an
+    /// endpoint chain, a staged audit's would-deny, the fixed drops.
+    Fixed { chain: String, what: String },
+}
+
+impl CounterName {
+    pub fn rule(chain: &str, rule: usize, action: Action) -> String {
+        format!("{chain}/{rule}/{}", action_name(action))
+    }
+
+    pub fn fixed(chain: &str, what: &str) -> String {
+        format!("{chain}/{what}")
+    }
+
+    /// A counter name as `rule` and `fixed` make them.
+    pub fn parse(name: &str) -> Option<CounterName> {
+        let (head, last) = name.rsplit_once('/')?;
+        if let Some((chain, rule)) = head.rsplit_once('/')
+            && let Ok(rule) = rule.parse::<usize>()
+        {
+            let action = [Action::Allow, Action::Deny, Action::Pass, Action::Log]
+                .into_iter()
+                .find(|a| action_name(*a) == last)?;
+            return Some(CounterName::Rule {
+                chain: chain.to_string(),
+                rule,
+                action,
+            });
+        }
+        Some(CounterName::Fixed {
+            chain: head.to_string(),
+            what: last.to_string(),
+        })
+    }
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+        Action::Pass => "pass",
+        Action::Log => "log",
+    }
+}
+
+/// A rule counting into `counter` and then doing `rest`.
+fn counted(counter: &str, rest: &str) -> String {
+    NftRule::counted(counter, rest).text
+}
+
+/// The chain of a policy in one direction (`pi-`/`po-<kind>.<ns>.<name>`).
+pub fn policy_chain_name(id: &PolicyId, dir: Direction) -> String {
+    let prefix = match dir {
+        Direction::Ingress => "pi",
+        Direction::Egress => "po",
+    };
+    format!(
+        "{prefix}-{}.{}.{}",
+        id.kind.short(),
+        if id.namespace.is_empty() {
+            "_"
+        } else {
+            &id.namespace
+        },
+        id.name
+    )
+}
+
+/// An endpoint's chain in one direction: `tw-<iface>` (ingress, to the workload) or
+/// `fw-<iface>` (egress, from it).
+pub fn endpoint_chain_name(iface: &str, dir: Direction) -> String {
+    match dir {
+        Direction::Ingress => format!("tw-{iface}"),
+        Direction::Egress => format!("fw-{iface}"),
+    }
+}
+
+/// A staged policy's audit chain at an endpoint.
+pub fn staged_chain_name(iface: &str, id: &PolicyId, dir: Direction) -> String {
+    let d = match dir {
+        Direction::Ingress => "i",
+        Direction::Egress => "o",
+    };
+    let ns = if id.namespace.is_empty() {
+        "_"
+    } else {
+        &id.namespace
+    };
+    format!("st{d}-{iface}-{}.{ns}.{}", id.kind.short(), id.name)
 }
 
 fn regular_chain(rules: Vec<String>) -> Chain {
@@ -218,9 +355,12 @@ pub struct Compiler<'a> {
     pub table: Table,
     /// Every set a built policy chain names, by set name.
     pub specs: BTreeMap<String, SetSpec>,
-    /// Policy chain → the sets its rules name (for each policy chain built here).
+    /// Shared chain (policy or group) → the sets its rules name (for each built here).
     pub chain_sets: BTreeMap<String, BTreeSet<String>>,
-    /// Policy chains jumped to by the endpoint chains built here.
+    /// Group chain → the policy chains it jumps to (for each group built here).
+    pub chain_children: BTreeMap<String, BTreeSet<String>>,
+    /// Shared chains (policy groups, and policy chains of staged audits) jumped to by the
+    /// endpoint chains built here.
     pub referenced: BTreeSet<String>,
     policy_chains: BTreeSet<String>,
     /// Sets named by the policy chain being built.
@@ -258,7 +398,10 @@ pub fn base_chains(opts: &CompileOptions) -> Vec<(String, Chain)> {
     let mut input = vec![clear_marks(), format!("iifname {wl} jump {FROM_DISPATCH}")];
     match opts.endpoint_to_host {
         EndpointToHost::Accept => input.push(format!("iifname {wl} accept")),
-        EndpointToHost::Drop => input.push(format!("iifname {wl} counter drop")),
+        EndpointToHost::Drop => input.push(format!(
+            "iifname {wl} {}",
+            counted(&CounterName::fixed(INPUT_CHAIN, ENDPOINT_TO_HOST), "drop")
+        )),
         EndpointToHost::Return => {}
     }
     let mut out = Vec::new();
@@ -285,7 +428,11 @@ pub fn base_chains(opts: &CompileOptions) -> Vec<(String, Chain)> {
                 ..hook("prerouting")
             }),
             rules: vec![NftRule::new(format!(
-                "iifname {wl} fib saddr . iif oif missing counter drop"
+                "iifname {wl} fib saddr . iif oif missing {}",
+                counted(
+                    &CounterName::fixed(RAW_PREROUTING_CHAIN, ANTI_SPOOFING),
+                    "drop"
+                )
             ))],
         },
     ));
@@ -301,6 +448,7 @@ impl<'a> Compiler<'a> {
             table: Table::new(FAMILY, TABLE),
             specs: BTreeMap::new(),
             chain_sets: BTreeMap::new(),
+            chain_children: BTreeMap::new(),
             referenced: BTreeSet::new(),
             policy_chains: BTreeSet::new(),
             naming: BTreeSet::new(),
@@ -323,10 +471,10 @@ impl<'a> Compiler<'a> {
     /// An endpoint's chains: `fw-<iface>` (egress), `tw-<iface>` (ingress) and its
     /// staged-audit chains, plus the policy chains they jump to that are not known yet.
     pub fn endpoint_chains(&mut self, ep: &Endpoint, iface: &str) {
-        let rules = self.endpoint_chain(ep, iface, Direction::Egress);
-        self.chain(&format!("fw-{iface}"), rules);
-        let rules = self.endpoint_chain(ep, iface, Direction::Ingress);
-        self.chain(&format!("tw-{iface}"), rules);
+        for dir in [Direction::Egress, Direction::Ingress] {
+            let rules = self.endpoint_chain(ep, iface, dir);
+            self.chain(&endpoint_chain_name(iface, dir), rules);
+        }
     }
 
     fn endpoint_chain(&mut self, ep: &Endpoint, iface: &str, dir: Direction) -> Vec<String> {
@@ -341,14 +489,16 @@ impl<'a> Compiler<'a> {
             .filter(|p| p.applies(dir) && p.selects(ep))
             .collect();
         rules.extend(self.staged_audits(ep, iface, dir, &policies));
-        for p in &policies {
-            let chain = self.policy_chain(p, dir);
-            rules.push(format!("meta mark & {MARK_PASS:#010x} == 0 jump {chain}"));
-            rules.push(format!("meta mark & {MARK_ACCEPT:#010x} != 0 return"));
-        }
         if !policies.is_empty() {
+            let group = self.group_chain(&policies, dir);
+            rules.push(format!("jump {group}"));
+            rules.push(format!("meta mark & {MARK_ACCEPT:#010x} != 0 return"));
             // End of the default tier: nothing allowed and nothing passed.
-            rules.push(format!("meta mark & {MARK_PASS:#010x} == 0 counter drop"));
+            let counter = CounterName::fixed(&endpoint_chain_name(iface, dir), END_OF_TIER);
+            rules.push(format!(
+                "meta mark & {MARK_PASS:#010x} == 0 {}",
+                counted(&counter, "drop")
+            ));
         }
         // The namespace profile (`kns.<ns>`) allows.
         rules.push(set_mark_and_return(MARK_ACCEPT));
@@ -399,54 +549,84 @@ impl<'a> Compiler<'a> {
                 rules.push(format!("meta mark & {decided:#010x} == 0 jump {chain}"));
             }
             // Neither allowed nor passed: the tier would deny (a staged Deny or its end).
-            // (The driver owns rule comments; the chain's name says which policy counts.)
+            let name = staged_chain_name(iface, &st.id, dir);
             rules.push(format!(
-                "meta mark & {:#010x} == 0 counter",
-                MARK_ACCEPT | MARK_PASS
+                "meta mark & {:#010x} == 0 {}",
+                MARK_ACCEPT | MARK_PASS,
+                counted(&CounterName::fixed(&name, WOULD_DENY), "")
             ));
             rules.push(format!(
                 "meta mark set meta mark & {:#010x} return",
                 !decided
             ));
-            let d = match dir {
-                Direction::Ingress => "i",
-                Direction::Egress => "o",
-            };
-            let ns = if st.id.namespace.is_empty() {
-                "_"
-            } else {
-                &st.id.namespace
-            };
-            let name = format!("st{d}-{iface}-{}.{ns}.{}", st.id.kind.short(), st.id.name);
             self.chain(&name, rules);
             jumps.push(format!("jump {name}"));
         }
         jumps
     }
 
-    /// The chain of one policy in one direction (shared by every endpoint it selects).
-    pub fn policy_chain(&mut self, p: &Policy, dir: Direction) -> String {
+    /// The group chain of these policies (in order) in one direction: each policy's chain
+    /// until one allows or passes. Shared by every endpoint the same policies select.
+    fn group_chain(&mut self, policies: &[&'a Policy], dir: Direction) -> String {
+        let chains: Vec<String> = policies
+            .iter()
+            .map(|p| policy_chain_name(&p.id, dir))
+            .collect();
         let prefix = match dir {
-            Direction::Ingress => "pi",
-            Direction::Egress => "po",
+            Direction::Ingress => "gi",
+            Direction::Egress => "go",
         };
-        let name = format!(
-            "{prefix}-{}.{}.{}",
-            p.id.kind.short(),
-            if p.id.namespace.is_empty() {
-                "_"
-            } else {
-                &p.id.namespace
-            },
-            p.id.name
-        );
+        let name = format!("{prefix}-{}", short_hash(&chains.join(" ")));
+        self.referenced.insert(name.clone());
+        let known = self.known.is_some_and(|k| k(&name));
+        if !known && self.policy_chains.insert(name.clone()) {
+            // The group's policy chains are its references, not the endpoint's.
+            let outer = std::mem::take(&mut self.referenced);
+            let mut rules = Vec::new();
+            for p in policies {
+                let chain = self.policy_chain(p, dir);
+                rules.push(format!("meta mark & {MARK_PASS:#010x} == 0 jump {chain}"));
+                rules.push(format!("meta mark & {MARK_ACCEPT:#010x} != 0 return"));
+            }
+            let children = std::mem::replace(&mut self.referenced, outer);
+            self.chain(&name, rules);
+            self.chain_sets.insert(name.clone(), BTreeSet::new());
+            self.chain_children.insert(name.clone(), children);
+        }
+        name
+    }
+
+    /// The nft rules of each model rule of a policy in one direction, in chain order (an
+    /// empty list for a rule that cannot match): how a listing of the chain maps back to
+    /// model rules.
+    pub fn policy_rules(p: &Policy, dir: Direction) -> Vec<Vec<NftRule>> {
+        let mut c = Compiler::new(&[], &[]);
+        let chain = policy_chain_name(&p.id, dir);
+        p.rules(dir)
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let comment = format!("{} {dir} rule {i}", p.id.display_name());
+                let counter = CounterName::rule(&chain, i, r.action);
+                c.rule(r, &comment, &counter, p.id.kind.is_staged())
+                    .into_iter()
+                    .map(NftRule::new)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The chain of one policy in one direction (shared by every group that holds it).
+    pub fn policy_chain(&mut self, p: &Policy, dir: Direction) -> String {
+        let name = policy_chain_name(&p.id, dir);
         self.referenced.insert(name.clone());
         let known = self.known.is_some_and(|k| k(&name));
         if !known && self.policy_chains.insert(name.clone()) {
             let mut rules = Vec::new();
             for (i, r) in p.rules(dir).iter().enumerate() {
                 let comment = format!("{} {dir} rule {i}", p.id.display_name());
-                rules.extend(self.rule(r, &comment, p.id.kind.is_staged()));
+                let counter = CounterName::rule(&name, i, r.action);
+                rules.extend(self.rule(r, &comment, &counter, p.id.kind.is_staged()));
             }
             self.chain(&name, rules);
             let sets = std::mem::take(&mut self.naming);
@@ -457,7 +637,7 @@ impl<'a> Compiler<'a> {
 
     /// One model rule → nft rules (one per family and per alternative; alternatives are
     /// ORed by being separate rules with the same verdict).
-    fn rule(&mut self, r: &Rule, comment: &str, staged: bool) -> Vec<String> {
+    fn rule(&mut self, r: &Rule, comment: &str, counter: &str, staged: bool) -> Vec<String> {
         let m = &r.matches;
         if m.unmatchable {
             return Vec::new();
@@ -467,7 +647,7 @@ impl<'a> Compiler<'a> {
             Action::Pass => set_mark_and_return(MARK_PASS),
             // A staged policy's Deny only tells its audit chain.
             Action::Deny if staged => set_mark_and_return(MARK_SCRATCH0),
-            Action::Deny => "counter drop".to_string(),
+            Action::Deny => "drop".to_string(),
             // To nflog, read by `dataplane::nflog` into one structured line per packet;
             // rate-limited so a flood cannot flood the logs.
             Action::Log => format!(
@@ -475,6 +655,12 @@ impl<'a> Compiler<'a> {
                 truncate(comment, 127),
                 crate::dataplane::nflog::GROUP
             ),
+        };
+        // Every nft rule of a Deny model rule (per family, per alternative) counts into one
+        // named counter: the model rule's.
+        let verdict = match r.action {
+            Action::Deny => counted(counter, &verdict),
+            _ => format!("counter {verdict}"),
         };
         let mut per_family: Vec<(u8, Vec<String>)> = Vec::new();
         for fam in [4u8, 6] {
@@ -905,10 +1091,15 @@ mod tests {
             .keys()
             .filter(|k| before.chains.get(*k) != after.chains.get(*k))
             .collect();
-        assert_eq!(
-            changed,
-            [FROM_DISPATCH, "fw-caliclient", TO_DISPATCH, "tw-caliclient"]
-        );
+        assert_eq!(changed, ["fw-caliclient", "tw-caliclient"]);
+        for (map, verdict) in [
+            (FROM_MAP, "goto fw-caliclient"),
+            (TO_MAP, "goto tw-caliclient"),
+        ] {
+            let (b, a) = (&before.maps[map].elements, &after.maps[map].elements);
+            assert_eq!(a.len(), b.len() + 1);
+            assert_eq!(a.get("caliclient").map(String::as_str), Some(verdict));
+        }
         // Its named port joins the named-port set: elements only.
         assert_eq!(
             before.sets.keys().collect::<Vec<_>>(),
@@ -929,7 +1120,22 @@ mod tests {
             .iter()
             .map(|r| r.text.as_str())
             .collect();
-        assert!(tw_web.contains(&"meta mark & 0x00020000 == 0 jump pi-np.prod.web-in"));
+        let group = tw_web
+            .iter()
+            .find_map(|r| r.strip_prefix("jump gi-"))
+            .unwrap_or_else(|| panic!("no group jump: {tw_web:?}"));
+        let group: Vec<&str> = t.chains[&format!("gi-{group}")]
+            .rules
+            .iter()
+            .map(|r| r.text.as_str())
+            .collect();
+        assert!(group.contains(&"meta mark & 0x00020000 == 0 jump pi-np.prod.web-in"));
+        assert!(
+            tw_web.contains(
+                &"meta mark & 0x00020000 == 0 counter name \"tw-caliweb/end-of-tier\" drop"
+            ),
+            "{tw_web:?}"
+        );
         let pi: Vec<&str> = t.chains["pi-np.prod.web-in"]
             .rules
             .iter()
@@ -956,6 +1162,57 @@ mod tests {
             !pi.iter().any(|r| r.contains('{')),
             "no anonymous sets: {pi:?}"
         );
+        // Allow rules count in anonymous counters; the chain's rules are what
+        // `policy_rules` says model rule 0 gives.
+        assert!(
+            pi.iter().all(|r| r.contains(" counter meta mark set")),
+            "{pi:?}"
+        );
+        let m = model("db", false);
+        let web_in = m.policies.iter().find(|p| p.id.name == "web-in").unwrap();
+        let groups = Compiler::policy_rules(web_in, Direction::Ingress);
+        assert_eq!(groups.len(), 1);
+        let texts: Vec<&str> = groups[0].iter().map(|r| r.text.as_str()).collect();
+        assert_eq!(texts, pi);
+    }
+
+    #[test]
+    fn endpoints_selected_by_the_same_policies_share_one_group_chain() {
+        let t = compile(&model("db", true), &CompileOptions::default());
+        let group_of = |iface: &str| -> Option<String> {
+            t.chains[&format!("tw-{iface}")]
+                .rules
+                .iter()
+                .find_map(|r| r.text.strip_prefix("jump ").map(String::from))
+        };
+        // web-in selects web only; db and client have no ingress policy, so no group.
+        assert!(group_of("caliweb").is_some());
+        assert_eq!(group_of("calidb"), None);
+        assert_eq!(group_of("caliclient"), None);
+        let groups = t.chains.keys().filter(|k| k.starts_with("gi-")).count();
+        assert_eq!(groups, 1);
+    }
+
+    #[test]
+    fn counter_names_parse_back() {
+        let name = CounterName::rule("pi-knp.prod.a.b", 3, Action::Deny);
+        assert_eq!(name, "pi-knp.prod.a.b/3/deny");
+        assert_eq!(
+            CounterName::parse(&name),
+            Some(CounterName::Rule {
+                chain: "pi-knp.prod.a.b".into(),
+                rule: 3,
+                action: Action::Deny
+            })
+        );
+        assert_eq!(
+            CounterName::parse("tw-cali0/end-of-tier"),
+            Some(CounterName::Fixed {
+                chain: "tw-cali0".into(),
+                what: "end-of-tier".into()
+            })
+        );
+        assert_eq!(CounterName::parse("nope"), None);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use ipnet::IpNet;
 use crate::desired::nft::{Element, Table};
 
 use super::compile::{
-    self, CompileOptions, Compiler, SetSpec, base_chains, dispatch_chains, named_port_elements,
-    selector_members,
+    self, CompileOptions, Compiler, FROM_MAP, SetSpec, TO_MAP, base_chains, dispatch_chains,
+    dispatch_entry, dispatch_maps, named_port_elements, selector_members,
 };
 use super::endpoint::{Endpoint, NetworkSetEntry};
 use super::model::{Direction, Policy, PolicyId, policy_order};
@@ -28,7 +28,8 @@ use super::model::{Direction, Policy, PolicyId, policy_order};
 /// (namespace, name) of an endpoint or network set (namespace empty for global sets).
 pub type Key = (String, String);
 
-/// Set and chain names changed since the last `take_touched`.
+/// Set (and map: one namespace in nft) and chain names changed since the last
+/// `take_touched`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Touched {
     pub sets: BTreeSet<String>,
@@ -49,9 +50,11 @@ struct Group {
     refs: BTreeSet<String>,
 }
 
+/// A shared chain: a policy's, or a policy group's (which jumps to its `children`).
 #[derive(Debug)]
 struct PolicyChain {
     sets: BTreeSet<String>,
+    children: BTreeSet<String>,
     refs: usize,
 }
 
@@ -87,9 +90,10 @@ impl Incremental {
     pub fn new(opts: &CompileOptions) -> Incremental {
         let mut table = Table::new(compile::FAMILY, compile::TABLE);
         table.chains.extend(base_chains(opts));
-        table.chains.extend(dispatch_chains([]));
+        table.chains.extend(dispatch_chains());
+        table.maps.extend(dispatch_maps([]));
         let touched = Touched {
-            sets: BTreeSet::new(),
+            sets: table.maps.keys().cloned().collect(),
             chains: table.chains.keys().cloned().collect(),
         };
         Incremental {
@@ -261,7 +265,7 @@ impl Incremental {
     fn refresh_group(&mut self, key: &Key) {
         let ep = self.endpoints.get(key).filter(|e| e.interface.is_some());
         let iface = ep.and_then(|e| e.interface.clone());
-        let (chains, refs, fresh, specs) = match ep {
+        let (chains, refs, fresh, specs, mut children) = match ep {
             Some(ep) => {
                 let iface = ep.interface.clone().unwrap_or_default();
                 let cached = &self.policy_chains;
@@ -274,21 +278,31 @@ impl Incremental {
                     .into_iter()
                     .filter_map(|(n, sets)| chains.remove(&n).map(|ch| (n, ch, sets)))
                     .collect();
-                (chains, c.referenced, fresh, c.specs)
+                (chains, c.referenced, fresh, c.specs, c.chain_children)
             }
             None => Default::default(),
         };
-        // New policy chains first, then references taken before any are dropped, so a
-        // chain that stays referenced is never removed on the way.
+        // New shared chains first (a new group's policy chains referenced by it), then
+        // references taken before any are dropped, so a chain that stays referenced is
+        // never removed on the way.
+        let mut group_refs = Vec::new();
         for (name, chain, sets) in fresh {
             for s in &sets {
                 self.ref_set(s, &specs);
             }
-            self.policy_chains
-                .insert(name.clone(), PolicyChain { sets, refs: 0 });
+            let children = children.remove(&name).unwrap_or_default();
+            group_refs.extend(children.iter().cloned());
+            self.policy_chains.insert(
+                name.clone(),
+                PolicyChain {
+                    sets,
+                    children,
+                    refs: 0,
+                },
+            );
             self.put_chain(name, chain);
         }
-        for r in &refs {
+        for r in group_refs.iter().chain(&refs) {
             if let Some(pc) = self.policy_chains.get_mut(r) {
                 pc.refs += 1;
             }
@@ -318,15 +332,25 @@ impl Incremental {
             );
         }
         if old_iface != iface {
+            // Dispatch is two map elements per interface; its chains never change.
             if let Some(i) = &old_iface {
                 self.ifaces.remove(i);
+                for map in [FROM_MAP, TO_MAP] {
+                    if let Some(m) = self.table.maps.get_mut(map) {
+                        m.elements.remove(i);
+                    }
+                }
             }
             if let Some(i) = iface {
+                for (map, (k, v)) in [FROM_MAP, TO_MAP].into_iter().zip(dispatch_entry(&i)) {
+                    if let Some(m) = self.table.maps.get_mut(map) {
+                        m.elements.insert(k, v);
+                    }
+                }
                 self.ifaces.insert(i, key.clone());
             }
-            let dispatch = dispatch_chains(self.ifaces.keys().map(String::as_str));
-            for (name, chain) in dispatch {
-                self.put_chain(name, chain);
+            for map in [FROM_MAP, TO_MAP] {
+                self.touched.sets.insert(map.to_string());
             }
         }
     }
@@ -352,6 +376,9 @@ impl Incremental {
             }
             for s in pc.sets {
                 self.unref_set(&s);
+            }
+            for c in pc.children {
+                self.unref_chain(&c);
             }
         }
     }

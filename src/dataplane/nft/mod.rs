@@ -114,7 +114,8 @@ impl Driver {
         Ok(outcome)
     }
 
-    /// `reconcile` for a caller that knows which sets and chains changed since its last
+    /// `reconcile` for a caller that knows which sets (and maps: `sets` names both) and
+    /// chains changed since its last
     /// call (the incremental policy calculation): only those are compared and written, and
     /// only those are copied into what the driver remembers. Without a known table (start,
     /// after a failure) this is a full `reconcile`.
@@ -134,6 +135,10 @@ impl Driver {
             match want.sets.get(name) {
                 Some(s) => known.sets.insert(name.clone(), s.clone()),
                 None => known.sets.remove(name),
+            };
+            match want.maps.get(name) {
+                Some(m) => known.maps.insert(name.clone(), m.clone()),
+                None => known.maps.remove(name),
             };
         }
         for name in chains {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 
 use super::run::{NftError, Runner};
-use crate::desired::nft::{Element, Family, Fingerprint, Hook, RULE_COMMENT_PREFIX, Set};
+use crate::desired::nft::{Element, Family, Fingerprint, Hook, Map, RULE_COMMENT_PREFIX, Set};
 
 /// The table as the kernel holds it; None when it does not exist.
 pub fn read(runner: &Runner, family: Family, name: &str) -> Result<Option<Fingerprint>, NftError> {
@@ -40,6 +40,10 @@ pub fn parse(listing: &Value) -> Fingerprint {
         if let Some(set) = object.get("set") {
             let name = text(set, "name");
             fp.sets.insert(name, parse_set(set));
+        } else if let Some(map) = object.get("map").filter(|m| text(m, "map") == "verdict") {
+            fp.maps.insert(text(map, "name"), parse_map(map));
+        } else if let Some(counter) = object.get("counter") {
+            fp.counters.insert(text(counter, "name"));
         } else if let Some(chain) = object.get("chain") {
             let hook = chain.get("hook").and_then(Value::as_str).map(|h| Hook {
                 kind: text(chain, "type"),
@@ -98,6 +102,33 @@ fn parse_set(set: &Value) -> Set {
         kind,
         flags,
         elements,
+    }
+}
+
+/// A verdict map: `[key, {"goto": {"target": "c"}}]` pairs back to the model's text.
+fn parse_map(map: &Value) -> Map {
+    let mut out = Map::verdicts(&text(map, "type"));
+    let Some(Value::Array(elems)) = map.get("elem") else {
+        return out;
+    };
+    for e in elems {
+        if let Value::Array(pair) = e
+            && let [k, v] = pair.as_slice()
+        {
+            out.elements.insert(scalar(k), verdict(v));
+        }
+    }
+    out
+}
+
+/// `{"goto": {"target": "c"}}` → `goto c`; `{"drop": null}` → `drop`.
+fn verdict(v: &Value) -> String {
+    let Some((kind, arg)) = v.as_object().and_then(|o| o.iter().next()) else {
+        return scalar(v);
+    };
+    match arg.get("target").and_then(Value::as_str) {
+        Some(target) => format!("{kind} {target}"),
+        None => kind.clone(),
     }
 }
 
@@ -217,11 +248,30 @@ mod tests {
     }
 
     #[test]
-    fn rules_without_tortie_comment_and_maps_are_foreign() {
+    fn rules_without_tortie_comment_and_data_maps_are_foreign() {
         let listing = json!({"nftables": [
             {"rule": {"chain": "post", "expr": [{"accept": null}]}},
-            {"map": {"name": "m"}},
+            {"map": {"name": "m", "type": "ipv4_addr", "map": "mark"}},
         ]});
         assert_eq!(parse(&listing).foreign.len(), 2);
+    }
+
+    #[test]
+    fn verdict_maps_and_counters_read_as_the_model_writes_them() {
+        // As nft 1.0.6 lists them.
+        let listing = json!({"nftables": [
+            {"counter": {"family": "inet", "name": "fw-cali1/end", "table": "t", "handle": 3,
+                         "packets": 7, "bytes": 420}},
+            {"map": {"family": "inet", "name": "wl", "table": "t", "type": "ifname",
+                     "handle": 5, "map": "verdict",
+                     "elem": [["cali1", {"goto": {"target": "fw-cali1"}}], ["cali2", {"drop": null}]]}},
+        ]});
+        let fp = parse(&listing);
+        let mut want = Map::verdicts("ifname");
+        want.elements.insert("cali1".into(), "goto fw-cali1".into());
+        want.elements.insert("cali2".into(), "drop".into());
+        assert_eq!(fp.maps["wl"], want);
+        assert!(fp.counters.contains("fw-cali1/end"));
+        assert!(fp.foreign.is_empty(), "{:?}", fp.foreign);
     }
 }
