@@ -22,6 +22,7 @@ use super::compile::{
     self, CompileOptions, Compiler, SetSpec, base_chains, dispatch_chains, named_port_elements,
     selector_members,
 };
+use super::by_name::{ByName, Named};
 use super::endpoint::{Endpoint, NetworkSetEntry};
 use super::model::{Direction, Policy, PolicyId, policy_order};
 
@@ -72,7 +73,8 @@ struct SetEntry {
 pub struct Incremental {
     policies: Vec<Policy>,
     staged: Vec<Policy>,
-    endpoints: HashMap<Key, Endpoint>,
+    /// Every endpoint of the cluster, found by the name it carries (no key stored).
+    endpoints: ByName<Endpoint>,
     network_sets: HashMap<Key, NetworkSetEntry>,
     groups: BTreeMap<Key, Group>,
     /// Local interfaces (the dispatch maps' keys).
@@ -95,7 +97,7 @@ impl Incremental {
         Incremental {
             policies: Vec::new(),
             staged: Vec::new(),
-            endpoints: HashMap::new(),
+            endpoints: ByName::default(),
             network_sets: HashMap::new(),
             groups: BTreeMap::new(),
             ifaces: BTreeMap::new(),
@@ -125,7 +127,7 @@ impl Incremental {
     }
 
     pub fn endpoint(&self, key: &Key) -> Option<&Endpoint> {
-        self.endpoints.get(key)
+        self.endpoints.get(&key.0, &key.1)
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -142,11 +144,13 @@ impl Incremental {
         self.sets.len()
     }
 
-    /// Adds, changes (`Some`) or removes (`None`) an endpoint.
+    /// Adds, changes (`Some`) or removes (`None`) the endpoint of `key` (a new endpoint's
+    /// own namespace and name).
     pub fn set_endpoint(&mut self, key: Key, new: Option<Endpoint>) {
+        debug_assert!(new.as_ref().is_none_or(|e| Named::key(e) == (&*key.0, &*key.1)));
         let old = match &new {
-            Some(ep) => self.endpoints.insert(key.clone(), ep.clone()),
-            None => self.endpoints.remove(&key),
+            Some(ep) => self.endpoints.insert(ep.clone()),
+            None => self.endpoints.remove(&key.0, &key.1),
         };
         if old == new {
             return;
@@ -216,7 +220,7 @@ impl Incremental {
             .keys()
             .filter(|k| {
                 self.endpoints
-                    .get(*k)
+                    .get(&k.0, &k.1)
                     .is_some_and(|ep| selectors.iter().any(|p| p.selects(ep)))
             })
             .cloned()
@@ -259,7 +263,10 @@ impl Incremental {
     /// Builds a local endpoint's chains again (or removes them when it is gone or not
     /// local) and moves the references to policy chains.
     fn refresh_group(&mut self, key: &Key) {
-        let ep = self.endpoints.get(key).filter(|e| e.interface.is_some());
+        let ep = self
+            .endpoints
+            .get(&key.0, &key.1)
+            .filter(|e| e.interface.is_some());
         let iface = ep.and_then(|e| e.interface.clone());
         let (chains, refs, fresh, specs) = match ep {
             Some(ep) => {
@@ -370,7 +377,7 @@ impl Incremental {
             counts: BTreeMap::new(),
             non_host: 0,
         };
-        for ep in self.endpoints.values() {
+        for ep in self.endpoints.iter() {
             entry.add(&contribution(&entry.spec, Member::Endpoint(Some(ep))), 1);
         }
         for ns in self.network_sets.values() {
@@ -599,5 +606,11 @@ impl SetEntry {
             changed |= set.elements.insert(e);
         }
         changed
+    }
+}
+
+impl Named for Endpoint {
+    fn key(&self) -> (&str, &str) {
+        (self.namespace(), self.name())
     }
 }
