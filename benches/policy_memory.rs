@@ -52,10 +52,11 @@ fn live() -> isize {
     LIVE.load(Ordering::Relaxed)
 }
 
-/// Bytes malloc has handed out, with its per-chunk overhead.
+/// Bytes malloc has handed out, with its per-chunk overhead (heap and mmapped chunks).
 fn in_use() -> isize {
     // SAFETY: mallinfo2 only reads the allocator's statistics.
-    unsafe { libc::mallinfo2().uordblks as isize }
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as isize
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -102,6 +103,7 @@ fn main() {
     let n = env_usize("POLICY_MEMORY_PODS", if full { 10_000 } else { 200 });
     let policies = env_usize("POLICY_MEMORY_POLICIES", 0);
     let opts = CompileOptions::default();
+    tortie::memory::tune_allocator();
 
     let (l0, u0) = (live(), in_use());
     let pods: Vec<Arc<CachedPod>> = (0..n).map(|i| Arc::new(pod(i))).collect();
