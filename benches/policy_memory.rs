@@ -134,7 +134,11 @@ fn main() {
     let t = Instant::now();
     let plan = policy_plan(&snap.to_objects(), "fp-local", &opts);
     let reference = t.elapsed();
-    assert_eq!(calc.table(), &plan.table, "the calculator equals a full compile");
+    assert_eq!(
+        calc.table(),
+        &plan.table,
+        "the calculator equals a full compile"
+    );
     drop(plan);
 
     let per = |b: isize| b as f64 / n as f64;

@@ -447,8 +447,10 @@ impl PolicyCalc {
         let mut pods = self.update_pods(&snap.pods);
         if !namespaces.is_empty() || !accounts.is_empty() {
             let ns: HashSet<&str> = namespaces.iter().map(String::as_str).collect();
-            let sa: HashSet<(&str, &str)> =
-                accounts.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let sa: HashSet<(&str, &str)> = accounts
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
             for pod in self.pods.iter() {
                 let (pod_ns, name) = pod.key();
                 if ns.contains(pod_ns) || sa.contains(&(pod_ns, service_account_name(pod))) {

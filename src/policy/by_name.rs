@@ -41,10 +41,11 @@ impl<T: Named> ByName<T> {
     pub fn insert(&mut self, item: T) -> Option<T> {
         let hasher = &self.hasher;
         let hash = hasher.hash_one(item.key());
-        match self
-            .table
-            .entry(hash, |t| t.key() == item.key(), |t| hasher.hash_one(t.key()))
-        {
+        match self.table.entry(
+            hash,
+            |t| t.key() == item.key(),
+            |t| hasher.hash_one(t.key()),
+        ) {
             Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), item)),
             Entry::Vacant(e) => {
                 e.insert(item);

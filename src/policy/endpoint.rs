@@ -106,8 +106,11 @@ impl EndpointLabels {
     /// Every label, as a map (what `get` answers for each key).
     pub fn to_map(&self) -> BTreeMap<String, String> {
         let mut out: BTreeMap<String, String> = BTreeMap::new();
-        let profiles = std::iter::once((NAMESPACE_PREFIX, &self.namespace))
-            .chain(self.service_account.iter().map(|sa| (SERVICE_ACCOUNT_PREFIX, sa)));
+        let profiles = std::iter::once((NAMESPACE_PREFIX, &self.namespace)).chain(
+            self.service_account
+                .iter()
+                .map(|sa| (SERVICE_ACCOUNT_PREFIX, sa)),
+        );
         for (prefix, p) in profiles {
             for k in p.labels.keys().map(String::as_str).chain([LABEL_NAME]) {
                 if let Some(v) = p.get(k) {
@@ -312,7 +315,10 @@ mod tests {
             vec![],
             vec![],
         );
-        assert_eq!(ep.labels.get("projectcalico.org/serviceaccount"), Some("own"));
+        assert_eq!(
+            ep.labels.get("projectcalico.org/serviceaccount"),
+            Some("own")
+        );
         assert_eq!(ep.labels.get("pcsa.x"), None);
         assert_eq!(ep.labels.get("pcsa.projectcalico.org/name"), None);
     }

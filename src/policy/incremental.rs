@@ -18,11 +18,11 @@ use ipnet::IpNet;
 
 use crate::desired::nft::{Element, Table};
 
+use super::by_name::{ByName, Named};
 use super::compile::{
     self, CompileOptions, Compiler, SetSpec, base_chains, dispatch_chains, named_port_elements,
     selector_members,
 };
-use super::by_name::{ByName, Named};
 use super::endpoint::{Endpoint, NetworkSetEntry};
 use super::model::{Direction, Policy, PolicyId, policy_order};
 
@@ -73,8 +73,9 @@ struct SetEntry {
 pub struct Incremental {
     policies: Vec<Policy>,
     staged: Vec<Policy>,
-    /// Every endpoint of the cluster, found by the name it carries (no key stored).
-    endpoints: ByName<Endpoint>,
+    /// Every endpoint of the cluster, found by the name it carries (no key stored); boxed,
+    /// so the table's free slots cost a pointer each, not an endpoint.
+    endpoints: ByName<Box<Endpoint>>,
     network_sets: HashMap<Key, NetworkSetEntry>,
     groups: BTreeMap<Key, Group>,
     /// Local interfaces (the dispatch maps' keys).
@@ -127,7 +128,7 @@ impl Incremental {
     }
 
     pub fn endpoint(&self, key: &Key) -> Option<&Endpoint> {
-        self.endpoints.get(&key.0, &key.1)
+        self.endpoints.get(&key.0, &key.1).map(|e| &**e)
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -147,11 +148,15 @@ impl Incremental {
     /// Adds, changes (`Some`) or removes (`None`) the endpoint of `key` (a new endpoint's
     /// own namespace and name).
     pub fn set_endpoint(&mut self, key: Key, new: Option<Endpoint>) {
-        debug_assert!(new.as_ref().is_none_or(|e| Named::key(e) == (&*key.0, &*key.1)));
+        debug_assert!(
+            new.as_ref()
+                .is_none_or(|e| (e.namespace(), e.name()) == (&*key.0, &*key.1))
+        );
         let old = match &new {
-            Some(ep) => self.endpoints.insert(ep.clone()),
+            Some(ep) => self.endpoints.insert(Box::new(ep.clone())),
             None => self.endpoints.remove(&key.0, &key.1),
-        };
+        }
+        .map(|e| *e);
         if old == new {
             return;
         }
@@ -609,7 +614,7 @@ impl SetEntry {
     }
 }
 
-impl Named for Endpoint {
+impl Named for Box<Endpoint> {
     fn key(&self) -> (&str, &str) {
         (self.namespace(), self.name())
     }
