@@ -657,6 +657,24 @@ mod tests {
     }
 
     #[test]
+    fn a_host_network_pod_is_no_endpoint() {
+        let mut host = pod("default", "h", "n2", "172.30.0.2");
+        if let Some(spec) = host.spec.as_mut() {
+            spec.host_network = Some(true);
+        }
+        let objects = ClusterObjects {
+            pods: vec![host, pod("default", "a", "n2", "10.0.0.1")],
+            ..ClusterObjects::default()
+        };
+        let mut calc = PolicyCalc::new("n1", &CompileOptions::default());
+        calc.sync(&PolicySnapshot::from_objects(&objects));
+        assert_eq!(calc.state().endpoint_count(), 1);
+        let m = local_model(&objects, "n1", &LocalOverrides::new());
+        let names: Vec<&str> = m.endpoints.iter().map(|e| e.name()).collect();
+        assert_eq!(names, ["a"]);
+    }
+
+    #[test]
     fn a_local_override_makes_a_pod_without_an_address_local() {
         let mut p = pod("default", "c", "", "10.0.0.3");
         p.status = None;
