@@ -67,7 +67,7 @@ fn model(pods: usize, local: usize, policies: usize) -> Model {
     }
     let mut m = build_model(&c);
     for ep in &mut m.endpoints {
-        let i: usize = ep.name[1..].parse().expect("index");
+        let i: usize = ep.name()[1..].parse().expect("index");
         if i < local {
             ep.interface = Some(format!("cali{i:011}"));
         }

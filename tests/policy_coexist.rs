@@ -76,7 +76,7 @@ fn model() -> Model {
     let mut m = build_model(&cluster());
     assert!(m.diagnostics.is_empty(), "{:?}", m.diagnostics);
     for ep in &mut m.endpoints {
-        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name).unwrap();
+        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name()).unwrap();
         ep.interface = Some(iface.to_string());
     }
     m

@@ -81,7 +81,7 @@ fn model() -> Model {
     let mut m = build_model(&cluster());
     assert!(m.diagnostics.is_empty(), "{:?}", m.diagnostics);
     for ep in &mut m.endpoints {
-        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name).unwrap();
+        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name()).unwrap();
         ep.interface = Some(iface.to_string());
     }
     m
@@ -515,7 +515,7 @@ fn calico_only_rules_in_the_kernel_match_the_evaluator() {
     let mut m = build_model(&c);
     assert!(m.diagnostics.is_empty(), "{:?}", m.diagnostics);
     for ep in &mut m.endpoints {
-        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name).unwrap();
+        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name()).unwrap();
         ep.interface = Some(iface.to_string());
     }
     let script = tortie::dataplane::nft::render::full(&compile(&m, &CompileOptions::default()));
@@ -635,7 +635,7 @@ fn every_rule_shape_loads_for_both_families() {
     let mut m = build_model(&c);
     assert_eq!(m.diagnostics.len(), 1, "{:?}", m.diagnostics);
     for ep in &mut m.endpoints {
-        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name).unwrap();
+        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name()).unwrap();
         ep.interface = Some(iface.to_string());
     }
     let table = compile(&m, &CompileOptions::default());
@@ -662,7 +662,7 @@ fn every_rule_shape_loads_for_both_families() {
         .insert("app".into(), "cache".into());
     let mut m2 = build_model(&changed);
     for ep in &mut m2.endpoints {
-        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name).unwrap();
+        let (.., iface) = PODS.iter().find(|p| p.1 == ep.name()).unwrap();
         ep.interface = Some(iface.to_string());
     }
     let table2 = compile(&m2, &CompileOptions::default());

@@ -81,7 +81,7 @@ fn model(c: &ClusterObjects) -> Model {
     let mut m = build_model(c);
     assert!(m.diagnostics.is_empty(), "{:?}", m.diagnostics);
     for ep in &mut m.endpoints {
-        let (.., iface) = PODS.iter().find(|p| p.0 == ep.name).unwrap();
+        let (.., iface) = PODS.iter().find(|p| p.0 == ep.name()).unwrap();
         ep.interface = Some(iface.to_string());
     }
     m

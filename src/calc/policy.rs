@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
@@ -30,12 +30,13 @@ use crate::cni::plumbing::host_veth_name;
 use crate::datastore::PolicyStores;
 use crate::datastore::pods::CachedPod;
 use crate::desired::nft::Table;
+use crate::policy::by_name::{ByName, Named};
 use crate::policy::cluster::{
-    ClusterObjects, ToPolicy, build_model, pod_endpoint_with, service_account_name,
+    ClusterObjects, Profiles, ToPolicy, build_model, pod_endpoint, service_account_name,
 };
 use crate::policy::compile::{CompileOptions, compile};
 use crate::policy::incremental::{Incremental, Key, Touched};
-use crate::policy::{Diagnostic, Endpoint, Model, NetworkSetEntry, PolicyId};
+use crate::policy::{Diagnostic, Endpoint, Model, NetworkSetEntry, PolicyId, Profile};
 
 /// The desired table and the diagnostics the model raised (for Events, logs, metrics).
 pub struct PolicyPlan {
@@ -69,12 +70,14 @@ pub fn overrides_of(registered: &[Registered]) -> LocalOverrides {
 }
 
 /// A pod's `cni.projectcalico.org/podIPs` (else `podIP`) annotation; None when absent.
-fn annotated_ips(pod: &Pod) -> Option<Vec<IpAddr>> {
-    let ann = pod.metadata.annotations.as_ref()?;
-    let value = ann
-        .get(ANNOTATION_POD_IPS)
-        .filter(|v| !v.is_empty())
-        .or_else(|| ann.get(ANNOTATION_POD_IP).filter(|v| !v.is_empty()))?;
+fn annotated_ips(pod: &CachedPod) -> Option<Vec<IpAddr>> {
+    let ann = |key: &str| {
+        pod.annotations
+            .iter()
+            .find(|(k, v)| k == key && !v.is_empty())
+            .map(|(_, v)| v.as_str())
+    };
+    let value = ann(ANNOTATION_POD_IPS).or_else(|| ann(ANNOTATION_POD_IP))?;
     let ips: Vec<IpAddr> = value
         .split(',')
         .filter_map(|s| {
@@ -89,30 +92,30 @@ fn annotated_ips(pod: &Pod) -> Option<Vec<IpAddr>> {
 }
 
 /// Whether `pod` runs on `node`: only those get dispatch entries and endpoint chains.
-fn on_node(pod: &Pod, node: &str) -> bool {
-    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+fn on_node(pod: &CachedPod, node: &str) -> bool {
+    pod.node_name.as_deref() == Some(node)
 }
 
 /// A pod's endpoint as this node sees it: local (with its interface) when it runs here or
 /// the CNI named it, with the CNI's addresses when the Pod has none yet.
 fn endpoint_of(
-    pod: &Pod,
+    pod: &Arc<CachedPod>,
     node: &str,
-    ns_labels: &BTreeMap<String, String>,
-    sa_labels: Option<&BTreeMap<String, String>>,
+    namespace: Arc<Profile>,
+    service_account: Arc<Profile>,
     local: Option<&LocalOverride>,
 ) -> Option<Endpoint> {
     let preferred: Vec<IpAddr> = match local {
         Some(l) => l.ips.clone(),
         None => annotated_ips(pod).unwrap_or_default(),
     };
-    let mut ep = pod_endpoint_with(pod, ns_labels, sa_labels, &preferred)?;
+    let mut ep = pod_endpoint(pod, namespace, Some(service_account), &preferred)?;
     if !preferred.is_empty() {
-        ep.ips = preferred;
+        ep.ips = preferred.into();
     }
     ep.interface = match local {
         Some(l) => Some(l.interface.clone()),
-        None if on_node(pod, node) => Some(host_veth_name(&ep.namespace, &ep.name)),
+        None if on_node(pod, node) => Some(host_veth_name(ep.namespace(), ep.name())),
         None => None,
     };
     Some(ep)
@@ -121,26 +124,16 @@ fn endpoint_of(
 /// The model with this node's endpoints marked by their interface (from scratch).
 pub fn local_model(objects: &ClusterObjects, node: &str, local: &LocalOverrides) -> Model {
     let mut model = build_model(objects);
-    let empty = BTreeMap::new();
+    let profiles = Profiles::of(objects);
     model.endpoints = objects
         .pods
         .iter()
         .filter_map(|pod| {
-            let ns = pod.namespace().unwrap_or_default();
-            let ns_labels = objects
-                .namespaces
-                .iter()
-                .find(|n| n.name_any() == ns)
-                .map(|n| n.labels())
-                .unwrap_or(&empty);
-            let sa = service_account_name(pod);
-            let sa_labels = objects
-                .service_accounts
-                .iter()
-                .find(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.name_any() == sa)
-                .map(|s| s.labels());
-            let l = local.get(&(ns, pod.name_any()));
-            endpoint_of(pod, node, ns_labels, sa_labels, l)
+            let pod = Arc::new(CachedPod::from_pod(pod));
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let sa = profiles.service_account(&ns, service_account_name(&pod));
+            let l = local.get(&(ns.clone(), pod.name_any()));
+            endpoint_of(&pod, node, profiles.namespace(&ns), sa, l)
         })
         .collect();
     model
@@ -159,7 +152,7 @@ pub fn policy_plan(objects: &ClusterObjects, node: &str, opts: &CompileOptions) 
 #[derive(Debug, Clone, Default)]
 pub struct PolicySnapshot {
     pub namespaces: Vec<Arc<Namespace>>,
-    /// As the daemon caches them (`to_pod` rebuilds a Pod for the pods that changed).
+    /// As the daemon caches them (endpoints are made of these, shared, not copied).
     pub pods: Vec<Arc<CachedPod>>,
     pub service_accounts: Vec<Arc<ServiceAccount>>,
     pub k8s_policies: Vec<Arc<K8sNetworkPolicy>>,
@@ -341,8 +334,13 @@ pub struct PolicyCalc {
     node: String,
     table: Incremental,
     namespaces: Seen<Namespace>,
-    pods: Seen<CachedPod>,
+    /// Every pod as last seen (the store's own `Arc`s), by the name it carries.
+    pods: ByName<Arc<CachedPod>>,
     service_accounts: Seen<ServiceAccount>,
+    /// The profiles endpoints share, made when a pod first needs one and dropped when
+    /// their object changes.
+    namespace_profiles: HashMap<String, Arc<Profile>>,
+    account_profiles: HashMap<Key, Arc<Profile>>,
     k8s_policies: Seen<K8sNetworkPolicy>,
     network_policies: Seen<api::NetworkPolicy>,
     global_network_policies: Seen<api::GlobalNetworkPolicy>,
@@ -361,8 +359,10 @@ impl PolicyCalc {
             node: node.into(),
             table: Incremental::new(opts),
             namespaces: Seen::default(),
-            pods: Seen::default(),
+            pods: ByName::default(),
             service_accounts: Seen::default(),
+            namespace_profiles: HashMap::new(),
+            account_profiles: HashMap::new(),
             k8s_policies: Seen::default(),
             network_policies: Seen::default(),
             global_network_policies: Seen::default(),
@@ -434,26 +434,27 @@ impl PolicyCalc {
 
     /// Brings the table to this snapshot, applying only what changed since the last one.
     pub fn sync(&mut self, snap: &PolicySnapshot) {
-        let mut pods: Vec<Key> = Vec::new();
         let mut namespaces: Vec<String> = Vec::new();
         for (key, _) in self.namespaces.update(&snap.namespaces) {
+            self.namespace_profiles.remove(&key.1);
             namespaces.push(key.1);
         }
         let mut accounts: Vec<Key> = Vec::new();
         for (key, _) in self.service_accounts.update(&snap.service_accounts) {
+            self.account_profiles.remove(&key);
             accounts.push(key);
         }
-        for (key, _) in self.pods.update(&snap.pods) {
-            pods.push(key);
-        }
+        let mut pods = self.update_pods(&snap.pods);
         if !namespaces.is_empty() || !accounts.is_empty() {
             let ns: HashSet<&str> = namespaces.iter().map(String::as_str).collect();
-            let sa: HashSet<&Key> = accounts.iter().collect();
-            for (key, pod) in &self.pods.by_key {
-                if ns.contains(key.0.as_str())
-                    || sa.contains(&(key.0.clone(), cached_service_account(pod)))
-                {
-                    pods.push(key.clone());
+            let sa: HashSet<(&str, &str)> = accounts
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            for pod in self.pods.iter() {
+                let (pod_ns, name) = pod.key();
+                if ns.contains(pod_ns) || sa.contains(&(pod_ns, service_account_name(pod))) {
+                    pods.push((pod_ns.to_string(), name.to_string()));
                 }
             }
         }
@@ -533,24 +534,68 @@ impl PolicyCalc {
             .unwrap_or_default()
     }
 
+    /// The pods added, changed or removed since the last snapshot, found by pointer: a
+    /// store hands out the same `Arc` until the pod changes. A snapshot's names are unique
+    /// (a store's are), so the table has more pods than the snapshot only if some went.
+    fn update_pods(&mut self, now: &[Arc<CachedPod>]) -> Vec<Key> {
+        let mut changed = Vec::new();
+        for pod in now {
+            let (ns, name) = pod.key();
+            if self.pods.get(ns, name).is_some_and(|p| Arc::ptr_eq(p, pod)) {
+                continue;
+            }
+            changed.push((ns.to_string(), name.to_string()));
+            self.pods.insert(pod.clone());
+        }
+        if self.pods.len() > now.len() {
+            let present: HashSet<(&str, &str)> = now.iter().map(|p| p.key()).collect();
+            let gone: Vec<Key> = self
+                .pods
+                .iter()
+                .map(|p| p.key())
+                .filter(|k| !present.contains(k))
+                .map(|(ns, name)| (ns.to_string(), name.to_string()))
+                .collect();
+            for (ns, name) in &gone {
+                self.pods.remove(ns, name);
+            }
+            changed.extend(gone);
+        }
+        changed
+    }
+
     fn refresh_pod(&mut self, key: &Key) {
-        let ep = self.pods.get(key).and_then(|cached| {
-            let pod = &cached.to_pod();
-            let ns_labels = self.namespace_labels(&key.0);
-            let sa = (key.0.clone(), service_account_name(pod));
-            let sa_labels = self.service_accounts.get(&sa).map(|s| s.labels());
-            endpoint_of(pod, &self.node, &ns_labels, sa_labels, self.local.get(key))
+        let ep = self.pods.get(&key.0, &key.1).and_then(|pod| {
+            let namespace = self
+                .namespace_profiles
+                .entry(key.0.clone())
+                .or_insert_with(|| {
+                    let ns = self.namespaces.get(&(String::new(), key.0.clone()));
+                    Profile::new(&key.0, ns.map(|n| n.labels()).unwrap_or(&BTreeMap::new()))
+                })
+                .clone();
+            let sa = service_account_name(pod);
+            let account = self
+                .account_profiles
+                .entry((key.0.clone(), sa.to_string()))
+                .or_insert_with_key(|k| {
+                    let obj = self.service_accounts.get(k);
+                    Profile::new(sa, obj.map(|s| s.labels()).unwrap_or(&BTreeMap::new()))
+                })
+                .clone();
+            endpoint_of(pod, &self.node, namespace, account, self.local.get(key))
         });
         self.table.set_endpoint(key.clone(), ep);
     }
 }
 
-/// `service_account_name` of a cached pod, without rebuilding the Pod.
-fn cached_service_account(pod: &CachedPod) -> String {
-    pod.service_account_name
-        .clone()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".into())
+impl Named for Arc<CachedPod> {
+    fn key(&self) -> (&str, &str) {
+        (
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            self.metadata.name.as_deref().unwrap_or_default(),
+        )
+    }
 }
 
 type Converted = Option<(crate::policy::Policy, Vec<Diagnostic>)>;
@@ -575,6 +620,7 @@ fn policy_changes<K: kube::Resource + ToPolicy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Pod;
 
     fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -598,7 +644,7 @@ mod tests {
         let ifaces: Vec<_> = m
             .endpoints
             .iter()
-            .map(|e| (e.name.as_str(), e.interface.clone()))
+            .map(|e| (e.name(), e.interface.clone()))
             .collect();
         assert_eq!(
             ifaces,
@@ -608,6 +654,24 @@ mod tests {
         let text = format!("{:?}", plan.table);
         assert!(text.contains(&host_veth_name("default", "a")));
         assert!(!text.contains(&host_veth_name("default", "b")));
+    }
+
+    #[test]
+    fn a_host_network_pod_is_no_endpoint() {
+        let mut host = pod("default", "h", "n2", "172.30.0.2");
+        if let Some(spec) = host.spec.as_mut() {
+            spec.host_network = Some(true);
+        }
+        let objects = ClusterObjects {
+            pods: vec![host, pod("default", "a", "n2", "10.0.0.1")],
+            ..ClusterObjects::default()
+        };
+        let mut calc = PolicyCalc::new("n1", &CompileOptions::default());
+        calc.sync(&PolicySnapshot::from_objects(&objects));
+        assert_eq!(calc.state().endpoint_count(), 1);
+        let m = local_model(&objects, "n1", &LocalOverrides::new());
+        let names: Vec<&str> = m.endpoints.iter().map(|e| e.name()).collect();
+        assert_eq!(names, ["a"]);
     }
 
     #[test]
@@ -675,8 +739,8 @@ mod tests {
         let ips_of = |name: &str| {
             m.endpoints
                 .iter()
-                .find(|e| e.name == name)
-                .map(|e| e.ips.clone())
+                .find(|e| e.name() == name)
+                .map(|e| e.ips.to_vec())
         };
         let ip = |s: &str| vec![s.parse::<IpAddr>().expect("ip")];
         assert_eq!(ips_of("new"), Some(ip("10.0.0.3")));

@@ -7,7 +7,8 @@
 //!
 //! Kept: name, namespace, uid, resourceVersion, labels, creation and deletion time; the
 //! annotations tortie reads (Calico's `cni.projectcalico.org/*`); spec.nodeName,
-//! spec.serviceAccountName, each container's name and ports; status.phase, podIP, podIPs.
+//! spec.serviceAccountName, spec.hostNetwork, each container's name and ports; status.phase,
+//! podIP, podIPs.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -30,6 +31,8 @@ pub struct CachedPod {
     pub annotations: Pairs,
     pub node_name: Option<String>,
     pub service_account_name: Option<String>,
+    /// `spec.hostNetwork`: such a pod is no workload endpoint (its address is the node's).
+    pub host_network: bool,
     pub containers: Vec<CachedContainer>,
     pub phase: Option<String>,
     pub pod_ip: Option<String>,
@@ -71,6 +74,7 @@ impl CachedPod {
             spec: Some(PodSpec {
                 node_name: self.node_name.clone(),
                 service_account_name: self.service_account_name.clone(),
+                host_network: self.host_network.then_some(true),
                 containers: self
                     .containers
                     .iter()
@@ -118,6 +122,7 @@ impl CachedPod {
             annotations,
             node_name: spec.and_then(|s| s.node_name.clone()),
             service_account_name: spec.and_then(|s| s.service_account_name.clone()),
+            host_network: spec.and_then(|s| s.host_network) == Some(true),
             containers: spec
                 .map(|s| {
                     s.containers
@@ -198,6 +203,7 @@ struct WireMeta {
 struct WireSpec {
     node_name: Option<String>,
     service_account_name: Option<String>,
+    host_network: Option<bool>,
     #[serde(default)]
     containers: Vec<WireContainer>,
 }
@@ -246,10 +252,11 @@ fn slim_meta(m: WireMeta) -> (ObjectMeta, Pairs, Pairs) {
 impl<'de> Deserialize<'de> for CachedPod {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<CachedPod, D::Error> {
         let w = WirePod::deserialize(d)?;
-        let (node_name, service_account_name, containers) = match w.spec {
+        let (node_name, service_account_name, host_network, containers) = match w.spec {
             Some(s) => (
                 s.node_name,
                 s.service_account_name,
+                s.host_network == Some(true),
                 s.containers
                     .into_iter()
                     .map(|c| CachedContainer {
@@ -258,7 +265,7 @@ impl<'de> Deserialize<'de> for CachedPod {
                     })
                     .collect(),
             ),
-            None => (None, None, Vec::new()),
+            None => (None, None, false, Vec::new()),
         };
         let (phase, pod_ip, pod_ips) = match w.status {
             Some(s) => (
@@ -279,6 +286,7 @@ impl<'de> Deserialize<'de> for CachedPod {
             annotations,
             node_name,
             service_account_name,
+            host_network,
             containers,
             phase,
             pod_ip,
@@ -316,6 +324,7 @@ mod tests {
             "spec": {
                 "nodeName": "n1",
                 "serviceAccountName": "web-sa",
+                "hostNetwork": false,
                 "containers": [{
                     "name": "app",
                     "image": "nginx",

@@ -78,6 +78,9 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
         // A timer wake-up is a resync: the whole table is checked against the kernel. So is
         // the first pass, and the one after a failure (what was touched is not known).
         let mut full = true;
+        // The first pass builds an endpoint per pod of the cluster; what it needed on the
+        // way (pod keys, candidate endpoints) is given back to the kernel once.
+        let mut first = true;
         loop {
             pulse.busy();
             crate::health::faults::check(pulse.name()).await;
@@ -101,6 +104,9 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
                 let t = std::time::Instant::now();
                 calc.set_overrides(&overrides);
                 calc.sync(&snapshot);
+                if first {
+                    crate::memory::trim();
+                }
                 let touched = calc.take_touched();
                 let changed = full || !touched.is_empty();
                 let calc_ms = ms(t);
@@ -113,6 +119,7 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
                 (calc, driver, r, snapshot, changed, (calc_ms, ms(t)))
             })
             .await;
+            first = false;
             let result = match joined {
                 Ok((c, d, r, snapshot, changed, (calc_ms, nft_ms))) => {
                     let obs = std::time::Instant::now();

@@ -455,7 +455,7 @@ mod tests {
         }
         let mut m = build_model(&c);
         for ep in &mut m.endpoints {
-            ep.interface = Some(format!("cali{}", ep.name));
+            ep.interface = Some(format!("cali{}", ep.name()));
         }
         let s = table_stats(&compile(&m, &CompileOptions::default()));
         assert_eq!((s.endpoints, s.policies, s.selectors), (2, 2, 1));

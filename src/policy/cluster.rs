@@ -2,17 +2,19 @@
 //! account's labels), every policy kind, network sets. Pure; the CLI and the daemon read the
 //! objects and hand them in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use kube::ResourceExt;
 
 use crate::api;
+use crate::datastore::pods::CachedPod;
 
 use super::diagnostic::Diagnostic;
-use super::endpoint::{Endpoint, NamedPort, NetworkSetEntry};
+use super::endpoint::{Endpoint, NamedPort, NetworkSetEntry, Profile};
 use super::model::{Model, Policy, PolicyId, PolicyKind};
 use super::protocol::Protocol;
 
@@ -34,6 +36,13 @@ pub struct ClusterObjects {
 
 pub fn build_model(c: &ClusterObjects) -> Model {
     let mut m = Model::default();
+    let profiles = Profiles::of(c);
+    for pod in &c.pods {
+        let pod = Arc::new(CachedPod::from_pod(pod));
+        if let Some(ep) = profiles.endpoint(&pod, &[]) {
+            m.endpoints.push(ep);
+        }
+    }
     let empty = BTreeMap::new();
     let ns_labels = |ns: &str| {
         c.namespaces
@@ -42,15 +51,6 @@ pub fn build_model(c: &ClusterObjects) -> Model {
             .map(|n| n.labels())
             .unwrap_or(&empty)
     };
-    for pod in &c.pods {
-        if let Some(ep) = pod_endpoint(
-            pod,
-            ns_labels(&pod.namespace().unwrap_or_default()),
-            &c.service_accounts,
-        ) {
-            m.endpoints.push(ep);
-        }
-    }
     for s in &c.network_sets {
         let ns = s.namespace().unwrap_or_default();
         m.network_sets.push(NetworkSetEntry::namespaced(
@@ -86,6 +86,54 @@ pub fn build_model(c: &ClusterObjects) -> Model {
         m.add_policy(p);
     }
     m
+}
+
+/// The namespace and service-account profiles of a set of objects, one shared `Profile`
+/// each (a namespace or account that has no object gets one without labels).
+#[derive(Default)]
+pub struct Profiles {
+    namespaces: HashMap<String, Arc<Profile>>,
+    service_accounts: HashMap<(String, String), Arc<Profile>>,
+}
+
+impl Profiles {
+    pub fn of(c: &ClusterObjects) -> Profiles {
+        let mut p = Profiles::default();
+        for n in &c.namespaces {
+            let name = n.name_any();
+            p.namespaces
+                .insert(name.clone(), Profile::new(&name, n.labels()));
+        }
+        for s in &c.service_accounts {
+            let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
+            p.service_accounts
+                .insert((ns, name.clone()), Profile::new(&name, s.labels()));
+        }
+        p
+    }
+
+    /// The profile of a namespace.
+    pub fn namespace(&self, ns: &str) -> Arc<Profile> {
+        self.namespaces
+            .get(ns)
+            .cloned()
+            .unwrap_or_else(|| Profile::new(ns, &BTreeMap::new()))
+    }
+
+    /// The profile of a service account.
+    pub fn service_account(&self, ns: &str, sa: &str) -> Arc<Profile> {
+        self.service_accounts
+            .get(&(ns.to_string(), sa.to_string()))
+            .cloned()
+            .unwrap_or_else(|| Profile::new(sa, &BTreeMap::new()))
+    }
+
+    /// The endpoint of a pod (see `pod_endpoint`), with these profiles.
+    pub fn endpoint(&self, pod: &Arc<CachedPod>, known_ips: &[IpAddr]) -> Option<Endpoint> {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let sa = self.service_account(ns, service_account_name(pod));
+        pod_endpoint(pod, self.namespace(ns), Some(sa), known_ips)
+    }
 }
 
 /// One policy object of any kind → the model's policy and what was wrong with it.
@@ -147,63 +195,33 @@ calico_policy!(
     PolicyKind::StagedGlobalNetworkPolicy
 );
 
-/// A pod as Calico makes a WorkloadEndpoint of it: not host-networked, not finished, with
-/// an IP. Named ports come from its containers' ports (protocol defaults to TCP).
-pub fn pod_endpoint(
-    pod: &Pod,
-    namespace_labels: &BTreeMap<String, String>,
-    service_accounts: &[ServiceAccount],
-) -> Option<Endpoint> {
-    let ns = pod.namespace().unwrap_or_default();
-    let sa = service_account_name(pod);
-    let sa_labels = service_accounts
-        .iter()
-        .find(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.name_any() == sa)
-        .map(|s| s.labels());
-    pod_endpoint_with(pod, namespace_labels, sa_labels, &[])
-}
-
 /// The service account a pod runs as (`default` when unset).
-pub fn service_account_name(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
+pub fn service_account_name(pod: &CachedPod) -> &str {
+    pod.service_account_name
+        .as_deref()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".into())
+        .unwrap_or("default")
 }
 
-/// `pod_endpoint` with the service account's labels looked up already, and addresses the
-/// caller knows before the Pod's status has them (the CNI's, for a pod being added): used
-/// when the Pod lists none.
-pub fn pod_endpoint_with(
-    pod: &Pod,
-    namespace_labels: &BTreeMap<String, String>,
-    sa_labels: Option<&BTreeMap<String, String>>,
+/// A pod as Calico makes a WorkloadEndpoint of it: not host-networked, not finished, with
+/// an IP (its status's, else `known_ips`: addresses the caller knows before the status has
+/// them, the CNI's for a pod being added). Named ports come from its containers' ports
+/// (protocol defaults to TCP).
+pub fn pod_endpoint(
+    pod: &Arc<CachedPod>,
+    namespace: Arc<Profile>,
+    service_account: Option<Arc<Profile>>,
     known_ips: &[IpAddr],
 ) -> Option<Endpoint> {
-    let spec = pod.spec.as_ref()?;
-    if spec.host_network == Some(true) {
+    if pod.host_network {
         return None;
     }
-    let status = pod.status.as_ref();
-    if matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded") | Some("Failed")
-    ) {
+    if matches!(pod.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
         return None;
     }
-    let mut ips: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
+    let mut ips: Vec<IpAddr> = pod.pod_ips.iter().filter_map(|p| p.parse().ok()).collect();
     if ips.is_empty() {
-        ips.extend(
-            status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|s| s.parse::<IpAddr>().ok()),
-        );
+        ips.extend(pod.pod_ip.as_deref().and_then(|s| s.parse::<IpAddr>().ok()));
     }
     if ips.is_empty() {
         ips.extend_from_slice(known_ips);
@@ -211,11 +229,7 @@ pub fn pod_endpoint_with(
     if ips.is_empty() {
         return None;
     }
-    let ns = pod.namespace().unwrap_or_default();
-    let sa_name = service_account_name(pod);
-    let empty = BTreeMap::new();
-    let sa_labels = sa_labels.unwrap_or(&empty);
-    let named_ports = spec
+    let named_ports = pod
         .containers
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
@@ -228,12 +242,10 @@ pub fn pod_endpoint_with(
         })
         .collect();
     Some(Endpoint::pod(
-        &ns,
-        &pod.name_any(),
+        pod.clone(),
+        namespace,
+        service_account,
         ips,
-        pod.labels(),
-        namespace_labels,
-        Some((&sa_name, sa_labels)),
         named_ports,
     ))
 }

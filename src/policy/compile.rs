@@ -1059,7 +1059,7 @@ mod tests {
         );
         let mut m = build_model(&c);
         for ep in &mut m.endpoints {
-            ep.interface = Some(format!("cali{}", ep.name));
+            ep.interface = Some(format!("cali{}", ep.name()));
         }
         m
     }

@@ -110,8 +110,8 @@ mod tests {
         }
         let mut m = build_model(&c);
         for ep in &mut m.endpoints {
-            if ep.name != "far" {
-                ep.interface = Some(format!("cali{}", ep.name));
+            if ep.name() != "far" {
+                ep.interface = Some(format!("cali{}", ep.name()));
             }
         }
         m

@@ -18,6 +18,7 @@ use ipnet::IpNet;
 
 use crate::desired::nft::{Element, Table};
 
+use super::by_name::{ByName, Named};
 use super::compile::{
     self, CompileOptions, Compiler, FROM_MAP, SetSpec, TO_MAP, base_chains, dispatch_chains,
     dispatch_entry, dispatch_maps, named_port_elements, selector_members,
@@ -75,7 +76,9 @@ struct SetEntry {
 pub struct Incremental {
     policies: Vec<Policy>,
     staged: Vec<Policy>,
-    endpoints: HashMap<Key, Endpoint>,
+    /// Every endpoint of the cluster, found by the name it carries (no key stored); boxed,
+    /// so the table's free slots cost a pointer each, not an endpoint.
+    endpoints: ByName<Box<Endpoint>>,
     network_sets: HashMap<Key, NetworkSetEntry>,
     groups: BTreeMap<Key, Group>,
     /// Local interfaces (the dispatch maps' keys).
@@ -99,7 +102,7 @@ impl Incremental {
         Incremental {
             policies: Vec::new(),
             staged: Vec::new(),
-            endpoints: HashMap::new(),
+            endpoints: ByName::default(),
             network_sets: HashMap::new(),
             groups: BTreeMap::new(),
             ifaces: BTreeMap::new(),
@@ -129,7 +132,7 @@ impl Incremental {
     }
 
     pub fn endpoint(&self, key: &Key) -> Option<&Endpoint> {
-        self.endpoints.get(key)
+        self.endpoints.get(&key.0, &key.1).map(|e| &**e)
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -146,12 +149,18 @@ impl Incremental {
         self.sets.len()
     }
 
-    /// Adds, changes (`Some`) or removes (`None`) an endpoint.
+    /// Adds, changes (`Some`) or removes (`None`) the endpoint of `key` (a new endpoint's
+    /// own namespace and name).
     pub fn set_endpoint(&mut self, key: Key, new: Option<Endpoint>) {
+        debug_assert!(
+            new.as_ref()
+                .is_none_or(|e| (e.namespace(), e.name()) == (&*key.0, &*key.1))
+        );
         let old = match &new {
-            Some(ep) => self.endpoints.insert(key.clone(), ep.clone()),
-            None => self.endpoints.remove(&key),
-        };
+            Some(ep) => self.endpoints.insert(Box::new(ep.clone())),
+            None => self.endpoints.remove(&key.0, &key.1),
+        }
+        .map(|e| *e);
         if old == new {
             return;
         }
@@ -220,7 +229,7 @@ impl Incremental {
             .keys()
             .filter(|k| {
                 self.endpoints
-                    .get(*k)
+                    .get(&k.0, &k.1)
                     .is_some_and(|ep| selectors.iter().any(|p| p.selects(ep)))
             })
             .cloned()
@@ -263,7 +272,10 @@ impl Incremental {
     /// Builds a local endpoint's chains again (or removes them when it is gone or not
     /// local) and moves the references to policy chains.
     fn refresh_group(&mut self, key: &Key) {
-        let ep = self.endpoints.get(key).filter(|e| e.interface.is_some());
+        let ep = self
+            .endpoints
+            .get(&key.0, &key.1)
+            .filter(|e| e.interface.is_some());
         let iface = ep.and_then(|e| e.interface.clone());
         let (chains, refs, fresh, specs, mut children) = match ep {
             Some(ep) => {
@@ -397,7 +409,7 @@ impl Incremental {
             counts: BTreeMap::new(),
             non_host: 0,
         };
-        for ep in self.endpoints.values() {
+        for ep in self.endpoints.iter() {
             entry.add(&contribution(&entry.spec, Member::Endpoint(Some(ep))), 1);
         }
         for ns in self.network_sets.values() {
@@ -626,5 +638,11 @@ impl SetEntry {
             changed |= set.elements.insert(e);
         }
         changed
+    }
+}
+
+impl Named for Box<Endpoint> {
+    fn key(&self) -> (&str, &str) {
+        (self.namespace(), self.name())
     }
 }

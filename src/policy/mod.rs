@@ -4,6 +4,7 @@
 //! allowed, and which policy and rule decided it" — the reference the nft compiler and
 //! `tortie policy explain` share. No I/O here; the CLI and the daemon feed it objects.
 
+pub mod by_name;
 pub mod calico;
 pub mod cli;
 pub mod cluster;
@@ -21,7 +22,7 @@ pub mod protocol;
 mod rewrite;
 
 pub use diagnostic::{Diagnostic, Severity};
-pub use endpoint::{Endpoint, NamedPort, NetworkSetEntry};
+pub use endpoint::{Endpoint, NamedPort, NetworkSetEntry, Profile};
 pub use eval::{Decision, DirectionVerdict, Flow, Verdict, evaluate};
 pub use model::{
     Action, Direction, EntityMatch, IcmpMatch, Model, Policy, PolicyId, PolicyKind, Rule, RuleMatch,

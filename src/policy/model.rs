@@ -271,7 +271,7 @@ impl Model {
     pub fn endpoint(&self, namespace: &str, name: &str) -> Option<&Endpoint> {
         self.endpoints
             .iter()
-            .find(|e| e.namespace == namespace && e.name == name)
+            .find(|e| e.namespace() == namespace && e.name() == name)
     }
 
     pub fn endpoint_by_ip(&self, ip: std::net::IpAddr) -> Option<&Endpoint> {
