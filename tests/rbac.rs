@@ -230,16 +230,28 @@ async fn the_daemon_uses_exactly_the_rbac_the_manifest_grants() -> anyhow::Resul
     );
     daemon.wait_readiness(Duration::from_secs(90), |code, _| code == 200);
 
-    // The default pool came from the manifest's CALICO_IPV4POOL_* settings.
-    let pool = Api::<IPPool>::all(admin.clone())
-        .get("default-ipv4-ippool")
-        .await?;
+    // The default pool came from the manifest's CALICO_IPV4POOL_* settings: the Lease
+    // holder creates it, which readiness does not wait for.
+    let pools = Api::<IPPool>::all(admin.clone());
+    wait_until(
+        "the leader created the default pool",
+        Duration::from_secs(30),
+        || {
+            let pools = pools.clone();
+            async move { Ok(pools.get_opt("default-ipv4-ippool").await?.is_some()) }
+        },
+    )
+    .await
+    .with_context(|| daemon.log())?;
+    let pool = pools.get("default-ipv4-ippool").await?;
     assert_eq!(pool.spec.cidr, "192.168.0.0/16");
 
     // CNI ADD and DEL of a real pod through the installed plugin.
     let pod_ns = NetNs::new("rbac-pod")?;
     support::pods::create_pod_on(&admin, "default", "web", "rbac-a", &[]).await?;
-    let ip = support::cni::cnitool_add_v4(dir.path(), "web", &pod_ns.path()).await?;
+    let ip = support::cni::cnitool_add_v4(dir.path(), "web", &pod_ns.path())
+        .await
+        .with_context(|| daemon.log())?;
     assert!(ip.starts_with("192.168."), "{ip}");
     let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web";
     let del = support::cni::run_cnitool(
@@ -288,7 +300,8 @@ async fn the_daemon_uses_exactly_the_rbac_the_manifest_grants() -> anyhow::Resul
             async move { Ok(blocks_of(&admin, "rbac-gone").await? == 0) }
         },
     )
-    .await?;
+    .await
+    .with_context(|| daemon.log())?;
     wait_until(
         "the leaked address is collected",
         Duration::from_secs(60),

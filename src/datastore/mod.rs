@@ -4,6 +4,7 @@
 
 pub mod lease;
 pub mod pods;
+pub mod ready;
 mod sync;
 mod watch;
 

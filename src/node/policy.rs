@@ -68,7 +68,7 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
     let task = tokio::spawn(async move {
         // A first pass over a Pod store still listing would drop every local pod's
         // dispatch entry (a restart must not cut pods off): wait for its list.
-        if inputs.pods.wait_until_ready().await.is_err() {
+        if crate::datastore::ready::listed(&inputs.pods).await.is_err() {
             return;
         }
         let mut changes = inputs.view.changes.clone();

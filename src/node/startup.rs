@@ -138,7 +138,7 @@ pub async fn start(
     // Its initial list (the biggest of all) may still be under way when start-up ends.
     let listed = pods.clone();
     tokio::spawn(async move {
-        if listed.wait_until_ready().await.is_ok() {
+        if crate::datastore::ready::listed(&listed).await.is_ok() {
             crate::memory::trim();
         }
     });

@@ -184,8 +184,8 @@ pub async fn run(
             _ = shutdown.wait_for(|s| *s) => return,
             _ = is_leader.wait_for(|l| !*l) => continue,
             _ = async {
-                let _ = gc.pods.wait_until_ready().await;
-                let _ = gc.nodes.wait_until_ready().await;
+                let _ = crate::datastore::ready::listed(&gc.pods).await;
+                let _ = crate::datastore::ready::listed(&gc.nodes).await;
             } => {}
         }
         tracing::info!(grace = ?gc.cfg.grace, "leading IPAM garbage collection");
