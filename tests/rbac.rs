@@ -243,6 +243,17 @@ async fn the_daemon_uses_exactly_the_rbac_the_manifest_grants() -> anyhow::Resul
     )
     .await
     .with_context(|| daemon.log())?;
+    // ...and the daemon's IPAM view has it before a pod asks for an address.
+    wait_until(
+        "the daemon's IPAM view has the default pool",
+        Duration::from_secs(30),
+        || {
+            let text = daemon.metrics_text();
+            async move { Ok(text.contains(r#"ipam_ippool_size{ippool="default-ipv4-ippool"}"#)) }
+        },
+    )
+    .await
+    .with_context(|| daemon.log())?;
     let pool = pools.get("default-ipv4-ippool").await?;
     assert_eq!(pool.spec.cidr, "192.168.0.0/16");
 
