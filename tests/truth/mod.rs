@@ -28,18 +28,9 @@ use crate::support::{NetNs, oracle};
 use probe::{IcmpSeen, Probe, Servers};
 use table::Table;
 
-/// Namespaces and their labels.
-pub const NAMESPACES: [(&str, &[(&str, &str)]); 3] = [
-    ("x", &[("ns", "x"), ("env", "prod")]),
-    ("y", &[("ns", "y"), ("env", "dev")]),
-    ("z", &[("ns", "z")]),
-];
-/// Pods (the same three in every namespace) and their labels.
-pub const PODS: [(&str, &[(&str, &str)]); 3] = [
-    ("a", &[("pod", "a"), ("tier", "fe")]),
-    ("b", &[("pod", "b"), ("tier", "be")]),
-    ("c", &[("pod", "c")]),
-];
+/// Namespaces and pods (the same three in every namespace) with their labels: the model the
+/// random policy sets are generated for.
+pub use crate::policy_gen::{NAMESPACES, PODS};
 /// Ports every pod serves.
 pub const TCP_PORTS: [u16; 3] = [80, 81, 82];
 pub const UDP_PORTS: [u16; 2] = [80, 81];
