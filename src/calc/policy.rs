@@ -32,7 +32,8 @@ use crate::datastore::pods::CachedPod;
 use crate::desired::nft::Table;
 use crate::policy::by_name::{ByName, Named};
 use crate::policy::cluster::{
-    ClusterObjects, Profiles, ToPolicy, build_model, pod_endpoint, service_account_name,
+    ClusterObjects, Profiles, ToPolicy, build_model, local_pod_endpoint, pod_endpoint,
+    service_account_name,
 };
 use crate::policy::compile::{CompileOptions, compile};
 use crate::policy::incremental::{Incremental, Key, Touched};
@@ -109,13 +110,18 @@ fn endpoint_of(
         Some(l) => l.ips.clone(),
         None => annotated_ips(pod).unwrap_or_default(),
     };
-    let mut ep = pod_endpoint(pod, namespace, Some(service_account), &preferred)?;
+    let here = local.is_some() || on_node(pod, node);
+    let mut ep = if here {
+        local_pod_endpoint(pod, namespace, Some(service_account), &preferred)?
+    } else {
+        pod_endpoint(pod, namespace, Some(service_account), &preferred)?
+    };
     if !preferred.is_empty() {
         ep.ips = preferred.into();
     }
     ep.interface = match local {
         Some(l) => Some(l.interface.clone()),
-        None if on_node(pod, node) => Some(host_veth_name(ep.namespace(), ep.name())),
+        None if here => Some(host_veth_name(ep.namespace(), ep.name())),
         None => None,
     };
     Some(ep)
@@ -403,6 +409,7 @@ impl PolicyCalc {
 
     /// Makes the overrides equal `want` (the CNI registry's), touching only what differs.
     pub fn set_overrides(&mut self, want: &LocalOverrides) {
+        self.table.begin_batch();
         let gone: Vec<Key> = self
             .local
             .keys()
@@ -417,6 +424,7 @@ impl PolicyCalc {
                 self.set_local(ns, pod, Some(o.clone()));
             }
         }
+        self.table.end_batch();
     }
 
     /// Marks a pod local with this interface and these addresses (`Some`), or drops the
@@ -434,6 +442,7 @@ impl PolicyCalc {
 
     /// Brings the table to this snapshot, applying only what changed since the last one.
     pub fn sync(&mut self, snap: &PolicySnapshot) {
+        self.table.begin_batch();
         let mut namespaces: Vec<String> = Vec::new();
         for (key, _) in self.namespaces.update(&snap.namespaces) {
             self.namespace_profiles.remove(&key.1);
@@ -525,6 +534,7 @@ impl PolicyCalc {
                 }
             }
         }
+        self.table.end_batch();
     }
 
     fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
@@ -698,6 +708,54 @@ mod tests {
             &CompileOptions::default(),
         );
         assert_eq!(calc.table(), &want);
+    }
+
+    #[test]
+    fn a_scheduled_pod_has_its_chains_before_its_add_which_then_adds_elements_only() {
+        let mut scheduled = pod("default", "s", "n1", "10.0.0.3");
+        scheduled.status = None;
+        let np = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "default", "name": "from-ns"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {}}]}]}
+        }))
+        .expect("policy");
+        let objects = ClusterObjects {
+            pods: vec![scheduled, pod("default", "a", "n2", "10.0.0.1")],
+            k8s_policies: vec![np],
+            ..ClusterObjects::default()
+        };
+        let mut calc = PolicyCalc::new("n1", &CompileOptions::default());
+        calc.sync(&PolicySnapshot::from_objects(&objects));
+        let iface = host_veth_name("default", "s");
+        let table = calc.table();
+        assert!(table.chains.contains_key(&format!("tw-{iface}")));
+        assert!(table.maps.values().all(|m| m.elements.contains_key(&iface)));
+        assert_eq!(
+            table,
+            &compile(
+                &local_model(&objects, "n1", &LocalOverrides::new()),
+                &CompileOptions::default()
+            )
+        );
+        calc.take_touched();
+        // The ADD: the pod's address joins the sets that select it; no chain changes.
+        let local = LocalOverride {
+            interface: iface.clone(),
+            ips: vec!["10.0.0.3".parse().expect("ip")],
+        };
+        calc.set_local("default", "s", Some(local));
+        let touched = calc.take_touched();
+        assert!(touched.chains.is_empty(), "{touched:?}");
+        assert!(!touched.sets.is_empty());
+        let member = crate::desired::nft::Element::net("10.0.0.3/32".parse().expect("net"));
+        assert!(
+            touched
+                .sets
+                .iter()
+                .all(|s| calc.table().sets[s].elements.contains(&member)),
+            "{touched:?}"
+        );
     }
 
     fn registered(name: &str, ip: &str, object: Option<Pod>) -> Registered {

@@ -122,6 +122,10 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
             first = false;
             let result = match joined {
                 Ok((c, d, r, snapshot, changed, (calc_ms, nft_ms))) => {
+                    // Waiting ADDs are answered first: the metrics below walk the table.
+                    if r.is_ok() {
+                        inputs.endpoints.committed(generation);
+                    }
                     let obs = std::time::Instant::now();
                     calc = c;
                     driver = d;
@@ -163,7 +167,6 @@ pub fn start(mut inputs: Inputs, health: &Registry) -> AbortHandle {
             let failed = result.is_err();
             match result {
                 Ok(()) => {
-                    inputs.endpoints.committed(generation);
                     pulse.recovered();
                 }
                 Err(e) => {

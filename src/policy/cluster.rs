@@ -213,6 +213,28 @@ pub fn pod_endpoint(
     service_account: Option<Arc<Profile>>,
     known_ips: &[IpAddr],
 ) -> Option<Endpoint> {
+    endpoint_of_pod(pod, namespace, service_account, known_ips, false)
+}
+
+/// `pod_endpoint` for a pod scheduled to this node: one without an address yet is an
+/// endpoint too (with none), so its chains and dispatch entries are in the kernel before its
+/// CNI ADD, which then only adds its addresses to sets (elements, no chain).
+pub fn local_pod_endpoint(
+    pod: &Arc<CachedPod>,
+    namespace: Arc<Profile>,
+    service_account: Option<Arc<Profile>>,
+    known_ips: &[IpAddr],
+) -> Option<Endpoint> {
+    endpoint_of_pod(pod, namespace, service_account, known_ips, true)
+}
+
+fn endpoint_of_pod(
+    pod: &Arc<CachedPod>,
+    namespace: Arc<Profile>,
+    service_account: Option<Arc<Profile>>,
+    known_ips: &[IpAddr],
+    addressless: bool,
+) -> Option<Endpoint> {
     if pod.host_network {
         return None;
     }
@@ -226,7 +248,7 @@ pub fn pod_endpoint(
     if ips.is_empty() {
         ips.extend_from_slice(known_ips);
     }
-    if ips.is_empty() {
+    if ips.is_empty() && !addressless {
         return None;
     }
     let named_ports = pod

@@ -1,10 +1,13 @@
-//! The nft driver: keeps tables tortie owns (NAT now, policy next) at their desired model
+//! The nft driver: keeps tables tortie owns (NAT and policy) at their desired model
 //! (`desired::nft::Table`) and touches no other table. A change of the model is applied as
 //! one incremental transaction (`render::changes`); an unchanged model is checked against
-//! the kernel (`read`) and the table is rewritten whole only when it drifted. Blocking (it
-//! waits for `nft`): call it from `spawn_blocking` inside tokio.
+//! the kernel (`read`) and the table is rewritten whole only when it drifted. A change that
+//! is only elements of existing plain sets and maps goes over nfnetlink (`elements`), not
+//! through `nft`. Blocking (it waits for the kernel or `nft`): call it from `spawn_blocking`
+//! inside tokio.
 
 pub mod counters;
+pub mod elements;
 pub mod read;
 pub mod render;
 pub mod run;
@@ -52,6 +55,7 @@ pub struct Driver {
     /// so the next pass reads the kernel and rewrites the table whole if needed.
     known: Option<Table>,
     history: VecDeque<String>,
+    netlink_writes: u64,
 }
 
 impl Driver {
@@ -60,6 +64,7 @@ impl Driver {
             runner,
             known: None,
             history: VecDeque::new(),
+            netlink_writes: 0,
         }
     }
 
@@ -131,6 +136,7 @@ impl Driver {
         let Some(script) = render::changes_of(want, known, sets, chains) else {
             return Ok(Outcome::InSync);
         };
+        let fast = elements::plan(want, known, sets, chains).filter(elements::fits);
         for name in sets {
             match want.sets.get(name) {
                 Some(s) => known.sets.insert(name.clone(), s.clone()),
@@ -148,11 +154,26 @@ impl Driver {
             };
         }
         let started = Instant::now();
-        let result = self.apply("update the table", script);
+        let (result, via) = match fast {
+            Some(plan) => match elements::write(&plan) {
+                Ok(()) => {
+                    self.netlink_writes += 1;
+                    self.remember(script);
+                    (Ok(()), "netlink")
+                }
+                Err(e) => {
+                    // nft says the same in its own words if the kernel refuses it too.
+                    tracing::warn!(error = %e, "element change over netlink failed; using nft");
+                    (self.apply("update the table", script), "nft")
+                }
+            },
+            None => (self.apply("update the table", script), "nft"),
+        };
         tracing::debug!(
             table = %want.name,
             sets = sets.len(),
             chains = chains.len(),
+            via,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "nft table changes applied"
         );
@@ -177,11 +198,22 @@ impl Driver {
     fn apply(&mut self, action: &'static str, script: String) -> Result<(), NftError> {
         tracing::debug!(action, %script, "nft transaction");
         let result = self.runner.apply(action, &script);
+        self.remember(script);
+        result
+    }
+
+    /// Keeps a transaction in the history (element changes written over netlink too, in
+    /// the nft syntax `nft` would have been given).
+    fn remember(&mut self, script: String) {
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
         self.history.push_back(script);
-        result
+    }
+
+    /// How many element-only changes went over netlink instead of through `nft`.
+    pub fn netlink_writes(&self) -> u64 {
+        self.netlink_writes
     }
 }
 
