@@ -8,10 +8,10 @@
 use serde_json::Value;
 
 use super::run::{NftError, Runner};
+use super::wire::{NFNL_SUBSYS_NFTABLES, family_code, nul_terminated};
 use crate::dataplane::nfnetlink::{self as nl, NfnlError, Request, Socket};
 use crate::desired::nft::{Family, RULE_COMMENT_PREFIX};
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFTA_TABLE_NAME: u16 = 1;
 const NFT_MSG_GETOBJ: u16 = 19;
@@ -24,9 +24,6 @@ const NFTA_OBJ_HANDLE: u16 = 6;
 const NFT_OBJECT_COUNTER: u32 = 1;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
-const NFPROTO_INET: u8 = 1;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
 /// A dump that does not finish in this time is abandoned (the next read tries again).
 const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -53,20 +50,6 @@ pub enum CounterError {
     Timeout { table: String },
     #[error("table {table} does not exist in this network namespace")]
     NoTable { table: String },
-}
-
-fn family_code(f: Family) -> u8 {
-    match f {
-        Family::Inet => NFPROTO_INET,
-        Family::Ip => NFPROTO_IPV4,
-        Family::Ip6 => NFPROTO_IPV6,
-    }
-}
-
-fn nul_terminated(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
 }
 
 /// The dump request for the counter objects of `family table`.
@@ -274,6 +257,9 @@ pub fn parse_rule_counters(listing: &Value) -> Vec<RuleCounter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NFPROTO_INET, as the kernel headers define it.
+    const NFPROTO_INET: u8 = 1;
 
     fn newobj(table: &str, name: &str, kind: u32, packets: u64, bytes: u64) -> Vec<u8> {
         let z = nul_terminated;

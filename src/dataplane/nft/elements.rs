@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::wire::{NFNL_SUBSYS_NFTABLES, family_code, nul_terminated};
 use crate::dataplane::nfnetlink::{
     self as nl, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NfnlError, Request, Socket,
 };
 use crate::desired::nft::{Element, Family, Map, Set, Table};
+use crate::policy::protocol::Protocol;
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -35,9 +36,6 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
-const NFPROTO_INET: u8 = 1;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
 const IFNAMSIZ: usize = 16;
 /// Above this a batch goes through `nft` (one datagram must fit the socket's buffers).
 const MAX_BATCH: usize = 128 * 1024;
@@ -191,7 +189,7 @@ pub fn key_bytes(kind: &str, e: &Element) -> Option<Vec<u8>> {
         ) => {
             let mut fields = t.split(" . ");
             let addr: IpAddr = fields.next()?.parse().ok()?;
-            let proto = proto_number(fields.next()?)?;
+            let Protocol(proto) = Protocol::parse(fields.next()?)?;
             let port: u16 = fields.next()?.parse().ok()?;
             if fields.next().is_some() || addr.is_ipv4() != kind.starts_with("ipv4") {
                 return None;
@@ -206,17 +204,6 @@ pub fn key_bytes(kind: &str, e: &Element) -> Option<Vec<u8>> {
             Some(out)
         }
         _ => None,
-    }
-}
-
-fn proto_number(p: &str) -> Option<u8> {
-    match p {
-        "tcp" => Some(6),
-        "udp" => Some(17),
-        "sctp" => Some(132),
-        "icmp" => Some(1),
-        "icmpv6" => Some(58),
-        n => n.parse().ok(),
     }
 }
 
@@ -246,20 +233,6 @@ fn verdict(v: &str) -> Option<Verdict> {
     })
 }
 
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-fn nfproto(f: Family) -> u8 {
-    match f {
-        Family::Inet => NFPROTO_INET,
-        Family::Ip => NFPROTO_IPV4,
-        Family::Ip6 => NFPROTO_IPV6,
-    }
-}
-
 /// The batch's bytes and the sequence numbers that must each be acknowledged. Sequence
 /// numbers start at `seq` (the batch begin carries it).
 pub fn encode(plan: &Plan, seq: u32) -> (Vec<u8>, Vec<u32>) {
@@ -275,9 +248,9 @@ pub fn encode(plan: &Plan, seq: u32) -> (Vec<u8>, Vec<u32>) {
             (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
         };
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | msg;
-        let mut r = Request::new(kind, flags, s, nfproto(plan.family), 0)
-            .attr(NFTA_SET_ELEM_LIST_TABLE, &cstr(&plan.table))
-            .attr(NFTA_SET_ELEM_LIST_SET, &cstr(&op.set))
+        let mut r = Request::new(kind, flags, s, family_code(plan.family), 0)
+            .attr(NFTA_SET_ELEM_LIST_TABLE, &nul_terminated(&plan.table))
+            .attr(NFTA_SET_ELEM_LIST_SET, &nul_terminated(&op.set))
             .nest(NFTA_SET_ELEM_LIST_ELEMENTS);
         for (key, data) in &op.elements {
             r = r
@@ -291,7 +264,7 @@ pub fn encode(plan: &Plan, seq: u32) -> (Vec<u8>, Vec<u32>) {
                     .nest(NFTA_DATA_VERDICT)
                     .attr(NFTA_VERDICT_CODE, &v.code.to_be_bytes());
                 if let Some(c) = &v.chain {
-                    r = r.attr(NFTA_VERDICT_CHAIN, &cstr(c));
+                    r = r.attr(NFTA_VERDICT_CHAIN, &nul_terminated(c));
                 }
                 r = r.end().end();
             }

@@ -11,6 +11,7 @@ pub mod elements;
 pub mod read;
 pub mod render;
 pub mod run;
+mod wire;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Instant;
